@@ -1,0 +1,1 @@
+"""Machinery of the harness: datasets, label formats, models, training loop, evaluation, reports."""

@@ -1,0 +1,266 @@
+"""Datasets, augmentation and samplers for source, target and evaluation splits.
+
+A dataset reads one split manifest (``benchmark/manifests.py``). Training augmentation follows
+DAFormer's pipeline (Hoyer et al., CVPR 2022, and its mmsegmentation configs): resize to the
+dataset's training scale, random crop with the category-ratio re-crop (up to 10 tries until no
+single class covers more than ``cat_max_ratio`` of the crop's labelled pixels), horizontal flip with
+probability 0.5, ImageNet normalisation.
+
+Randomness is explicit: a sampler yields ``SampleRequest`` objects that carry the seed of the
+sample's augmentation, so a batch is a pure function of the sampler state, whatever the number of
+loader workers, and a resumed run sees the same batches.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import cv2
+import numpy as np
+import torch
+
+from benchmark.classes import NUM_CLASSES
+from benchmark.formats import DatasetFormatError, read_image, read_train_ids
+from benchmark.manifests import Manifest, load_manifest
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+#: DAFormer / mmsegmentation RandomCrop: attempts to find a crop below ``cat_max_ratio``.
+CROP_ATTEMPTS = 10
+#: DAFormer rare-class sampling: attempts to find a crop holding enough pixels of the sampled class.
+RARE_CLASS_CROP_ATTEMPTS = 10
+
+
+@dataclass(frozen=True)
+class Augment:
+    """Training-time augmentation of one dataset. Sizes are (height, width)."""
+
+    scale: tuple[int, int] | None = None
+    crop: tuple[int, int] | None = None
+    flip: bool = True
+    cat_max_ratio: float = 0.75
+
+
+@dataclass(frozen=True)
+class SampleRequest:
+    """Which frame to load and the seed of its augmentation; ``required_class`` is set by RCS."""
+
+    index: int
+    seed: int
+    required_class: int = -1
+
+
+def normalize(images: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) RGB in [0, 1] -> ImageNet-normalised."""
+    mean = images.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = images.new_tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return (images - mean) / std
+
+
+def denormalize(images: torch.Tensor) -> torch.Tensor:
+    """Inverse of ``normalize``: ImageNet-normalised (B, 3, H, W) -> RGB in [0, 1]."""
+    mean = images.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = images.new_tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return images * std + mean
+
+
+def resize(image: np.ndarray, label: np.ndarray | None, size: tuple[int, int]):
+    """Bilinear for the image, nearest neighbour for the label (never invent class ids)."""
+    height, width = size
+    if image.shape[:2] != (height, width):
+        image = cv2.resize(image, (width, height), interpolation=cv2.INTER_LINEAR)
+        if label is not None:
+            label = cv2.resize(label, (width, height), interpolation=cv2.INTER_NEAREST)
+    return image, label
+
+
+def random_crop(
+    image: np.ndarray,
+    label: np.ndarray | None,
+    size: tuple[int, int],
+    rng: np.random.Generator,
+    cat_max_ratio: float = 1.0,
+):
+    """Crop ``size`` at a random position; re-draw while one class dominates the crop.
+
+    With a label and ``cat_max_ratio < 1``, up to ``CROP_ATTEMPTS`` positions are drawn and the
+    first whose most frequent class covers less than ``cat_max_ratio`` of its labelled pixels is
+    kept (the last one otherwise), as mmsegmentation's ``RandomCrop`` does for DAFormer.
+    """
+    crop_h, crop_w = size
+    height, width = image.shape[:2]
+    if crop_h > height or crop_w > width:
+        raise ValueError(f"crop {crop_h}x{crop_w} is larger than the image {height}x{width} (height x width)")
+    attempts = CROP_ATTEMPTS if (label is not None and cat_max_ratio < 1.0) else 1
+    for _ in range(attempts):
+        top = int(rng.integers(0, height - crop_h + 1))
+        left = int(rng.integers(0, width - crop_w + 1))
+        if attempts == 1:
+            break
+        window = label[top : top + crop_h, left : left + crop_w]
+        counts = np.bincount(window.ravel(), minlength=256)[:NUM_CLASSES]
+        counts = counts[counts > 0]
+        if len(counts) > 1 and counts.max() / counts.sum() < cat_max_ratio:
+            break
+    image = image[top : top + crop_h, left : left + crop_w]
+    if label is not None:
+        label = label[top : top + crop_h, left : left + crop_w]
+    return image, label
+
+
+def to_tensor(image: np.ndarray) -> torch.Tensor:
+    """(H, W, 3) uint8 -> normalised (3, H, W) float32."""
+    tensor = torch.from_numpy(image.astype(np.float32) / 255.0).permute(2, 0, 1)
+    return normalize(tensor[None])[0]
+
+
+class SegmentationDataset(torch.utils.data.Dataset):
+    """The frames of one split manifest.
+
+    Items are dicts with ``image`` (3, H, W) float32 normalised, ``index`` and, when
+    ``with_labels``, ``label`` (H, W) int64 trainIds with 255 = ignore. Indexing with an ``int``
+    gives the frame without random augmentation (evaluation: only ``eval_scale`` applies, the label
+    stays at its native resolution so the metric is computed where the annotation lives); indexing
+    with a ``SampleRequest`` applies ``augment`` seeded by the request.
+    """
+
+    def __init__(
+        self,
+        root: Path | str,
+        split: str,
+        *,
+        with_labels: bool = True,
+        augment: Augment | None = None,
+        eval_scale: tuple[int, int] | None = None,
+        min_crop_class_pixels: int = 0,
+        cache: bool = False,
+    ):
+        self.root = Path(root)
+        self.manifest: Manifest = load_manifest(self.root, split)
+        self.split = split
+        self.with_labels = with_labels
+        self.augment = augment or Augment()
+        self.eval_scale = eval_scale
+        self.min_crop_class_pixels = min_crop_class_pixels
+        self._cache: dict[int, tuple[np.ndarray, np.ndarray | None]] | None = {} if cache else None
+        if not self.manifest.frames:
+            raise DatasetFormatError(f"{self.root}/manifests/{split}.json lists no frames")
+
+    def __len__(self) -> int:
+        return len(self.manifest.frames)
+
+    def _load(self, index: int) -> tuple[np.ndarray, np.ndarray | None]:
+        if self._cache is not None and index in self._cache:
+            return self._cache[index]
+        frame = self.manifest.frames[index]
+        image = read_image(self.root / frame.image)
+        label = read_train_ids(self.root / frame.label) if self.with_labels else None
+        if label is not None and label.shape != image.shape[:2]:
+            raise DatasetFormatError(
+                f"{self.root / frame.label}: label is {label.shape[1]}x{label.shape[0]} but the image "
+                f"{self.root / frame.image} is {image.shape[1]}x{image.shape[0]}; re-run benchmark/prepare.py"
+            )
+        if self._cache is not None:
+            self._cache[index] = (image, label)
+        return image, label
+
+    def _augmented(self, request: SampleRequest) -> tuple[np.ndarray, np.ndarray | None]:
+        image, label = self._load(request.index)
+        rng = np.random.default_rng(request.seed)
+        augment = self.augment
+        if augment.scale is not None:
+            image, label = resize(image, label, augment.scale)
+        attempts = RARE_CLASS_CROP_ATTEMPTS if (request.required_class >= 0 and label is not None) else 1
+        for _ in range(attempts):
+            cropped_image, cropped_label = image, label
+            if augment.crop is not None:
+                cropped_image, cropped_label = random_crop(image, label, augment.crop, rng, augment.cat_max_ratio)
+            if attempts == 1 or (cropped_label == request.required_class).sum() > self.min_crop_class_pixels:
+                break
+        if augment.flip and rng.random() < 0.5:
+            cropped_image = cropped_image[:, ::-1]
+            cropped_label = cropped_label[:, ::-1] if cropped_label is not None else None
+        return cropped_image, cropped_label
+
+    def __getitem__(self, item: int | SampleRequest) -> dict:
+        if isinstance(item, SampleRequest):
+            image, label = self._augmented(item)
+            index = item.index
+        else:
+            index = int(item)
+            image, label = self._load(index)
+            if self.eval_scale is not None:
+                image, _ = resize(image, None, self.eval_scale)
+        sample = {"image": to_tensor(image), "index": index}
+        if label is not None:
+            sample["label"] = torch.from_numpy(label.astype(np.int64))
+        return sample
+
+
+class InfiniteSampler(torch.utils.data.Sampler):
+    """Endless shuffled epochs of ``SampleRequest``; its state (a numpy generator) can be saved."""
+
+    def __init__(self, num_frames: int, seed: int):
+        self.num_frames = num_frames
+        self.rng = np.random.default_rng(seed)
+
+    def __iter__(self) -> Iterator[SampleRequest]:
+        while True:
+            for index in self.rng.permutation(self.num_frames):
+                yield SampleRequest(int(index), int(self.rng.integers(2**63)))
+
+    def state_dict(self) -> dict:
+        return {"rng": self.rng.bit_generator.state}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rng.bit_generator.state = state["rng"]
+
+
+def rare_class_probabilities(class_pixels: np.ndarray | list[int], temperature: float) -> np.ndarray:
+    """DAFormer rare-class sampling (Hoyer et al., CVPR 2022, sec. 3.3, eq. 6).
+
+    ``P(c) = exp((1 - f_c) / T) / sum_c' exp((1 - f_c') / T)`` with ``f_c`` the fraction of source
+    pixels of class ``c``. Classes with no source pixel get probability 0 (SYNTHIA has no terrain,
+    truck or train). Input: (C,) pixel counts; output: (C,) probabilities.
+    """
+    counts = np.asarray(class_pixels, dtype=np.float64)
+    if temperature <= 0:
+        raise ValueError(f"rare-class temperature must be > 0, got {temperature}")
+    present = counts > 0
+    if not present.any():
+        raise ValueError("no labelled source pixel: cannot build rare-class probabilities")
+    frequency = counts / counts.sum()
+    logits = np.where(present, (1.0 - frequency) / temperature, -np.inf)
+    logits -= logits[present].max()
+    weights = np.exp(logits)
+    return weights / weights.sum()
+
+
+class RareClassSampler(InfiniteSampler):
+    """Rare-class sampling: draw a class by ``rare_class_probabilities``, then a frame that holds
+    more than ``min_pixels`` of it; the dataset then re-crops until the crop holds the class.
+
+    Classes without any frame above ``min_pixels`` are dropped and the rest renormalised.
+    """
+
+    def __init__(self, manifest: Manifest, temperature: float, min_pixels: int, seed: int):
+        super().__init__(len(manifest.frames), seed)
+        per_frame = np.array([frame.class_pixels for frame in manifest.frames], dtype=np.int64)
+        self.frames_with_class = [np.flatnonzero(per_frame[:, c] > min_pixels) for c in range(NUM_CLASSES)]
+        probabilities = rare_class_probabilities(per_frame.sum(axis=0), temperature)
+        has_frames = np.array([len(frames) > 0 for frames in self.frames_with_class])
+        probabilities = np.where(has_frames, probabilities, 0.0)
+        if probabilities.sum() == 0:
+            raise DatasetFormatError(
+                f"rare-class sampling: no frame holds more than {min_pixels} pixels of any class; lower min_pixels"
+            )
+        self.class_probabilities = probabilities / probabilities.sum()
+
+    def __iter__(self) -> Iterator[SampleRequest]:
+        while True:
+            train_id = int(self.rng.choice(NUM_CLASSES, p=self.class_probabilities))
+            index = int(self.rng.choice(self.frames_with_class[train_id]))
+            yield SampleRequest(index, int(self.rng.integers(2**63)), required_class=train_id)
+

@@ -1,0 +1,1 @@
+"""UDA methods, one module each, and the registry that names them."""
