@@ -1,0 +1,192 @@
+"""Small, tested building blocks of self-training UDA methods, shared by every method that needs them.
+
+Sources: DAFormer (Hoyer et al., CVPR 2022) sections 3.1-3.4 and its DACS-based self-training
+(Tranheden et al., WACV 2021); the facts are collected in DESIGN.md section 7.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+import torch.nn.functional as F
+import torchvision.transforms.v2.functional as TF
+from torch import Tensor, nn
+
+from benchmark.classes import IGNORE_INDEX
+from benchmark.data import denormalize, normalize
+
+
+class EMATeacher(nn.Module):
+    """Mean teacher: a frozen copy of the student updated as an exponential moving average.
+
+    ``alpha_t = min(1 - 1 / (t + 1), alpha_max)`` (DAFormer eq. 5 with alpha_max = 0.999), so the
+    teacher follows the student closely at first. Parameters and floating-point buffers (BatchNorm
+    statistics) are averaged; the teacher always runs in eval mode (no dropout, running statistics).
+    """
+
+    def __init__(self, student: nn.Module, alpha_max: float = 0.999):
+        super().__init__()
+        self.alpha_max = alpha_max
+        self.model = copy.deepcopy(student)
+        for parameter in self.model.parameters():
+            parameter.requires_grad_(False)
+        self.model.eval()
+
+    def train(self, mode: bool = True) -> EMATeacher:
+        super().train(mode)
+        self.model.eval()
+        return self
+
+    def alpha(self, step: int) -> float:
+        return min(1.0 - 1.0 / (step + 1), self.alpha_max)
+
+    @torch.no_grad()
+    def update(self, student: nn.Module, step: int) -> None:
+        alpha = self.alpha(step)
+        for mean, current in zip(self.model.parameters(), student.parameters()):
+            mean.mul_(alpha).add_(current.detach(), alpha=1.0 - alpha)
+        for mean, current in zip(self.model.buffers(), student.buffers()):
+            if mean.dtype.is_floating_point:
+                mean.mul_(alpha).add_(current, alpha=1.0 - alpha)
+            else:
+                mean.copy_(current)
+
+    @torch.no_grad()
+    def forward(self, images: Tensor) -> Tensor:
+        return self.model(images)
+
+
+@torch.no_grad()
+def pseudo_labels(
+    teacher_logits: Tensor,
+    size: tuple[int, int],
+    threshold: float = 0.968,
+    ignore_top: float = 0.0,
+    ignore_bottom: float = 0.0,
+) -> tuple[Tensor, Tensor]:
+    """Teacher pseudo-labels with DAFormer's confidence weighting (DACS / DAFormer sec. 3.1).
+
+    The label is the teacher's argmax; every pseudo-labelled pixel of the batch gets one scalar
+    weight, the fraction of target pixels whose max softmax probability is >= ``threshold``. Rows
+    in the top ``ignore_top`` and bottom ``ignore_bottom`` fraction of the crop get weight 0
+    (DAFormer: 15 and 120 rows of a 512-row crop, i.e. 0.029 and 0.234, to skip the rectification
+    border and the ego car).
+
+    teacher_logits: (B, C, h, w) -> labels (B, H, W) int64, weights (B, H, W) float32.
+    """
+    logits = F.interpolate(teacher_logits, size=size, mode="bilinear", align_corners=False)
+    probabilities = logits.softmax(dim=1)
+    confidence, labels = probabilities.max(dim=1)
+    batch_weight = (confidence >= threshold).float().mean()
+    weights = torch.full_like(confidence, batch_weight.item())
+    height = size[0]
+    top, bottom = round(ignore_top * height), round(ignore_bottom * height)
+    if top:
+        weights[:, :top] = 0
+    if bottom:
+        weights[:, height - bottom :] = 0
+    return labels, weights
+
+
+def class_mix_masks(source_labels: Tensor, generator: torch.Generator) -> Tensor:
+    """ClassMix masks (Olsson et al., WACV 2021; DAFormer sec. 3.1): per source image, half of the
+    classes present in its label (rounded up; the ignore label is not a class) are pasted.
+
+    source_labels: (B, H, W) int64 -> masks (B, H, W) bool, True where the source pixel is pasted.
+    """
+    masks = torch.zeros_like(source_labels, dtype=torch.bool)
+    for i, label in enumerate(source_labels):
+        classes = label.unique()
+        classes = classes[classes != IGNORE_INDEX]
+        if len(classes) == 0:
+            continue
+        chosen = classes[torch.randperm(len(classes), generator=generator)[: math.ceil(len(classes) / 2)]]
+        masks[i] = torch.isin(label, chosen)
+    return masks
+
+
+def mix(masks: Tensor, pasted: Tensor, background: Tensor) -> Tensor:
+    """Where ``masks`` is True take ``pasted``, elsewhere ``background``.
+
+    masks: (B, H, W); pasted/background: (B, H, W) or (B, C, H, W)."""
+    if pasted.dim() == 4:
+        masks = masks[:, None]
+    return torch.where(masks, pasted, background)
+
+
+def strong_augment(
+    images: Tensor,
+    generator: torch.Generator,
+    jitter_strength: float = 0.2,
+    jitter_probability: float = 0.8,
+    blur_probability: float = 0.5,
+    blur_sigma: tuple[float, float] = (0.15, 1.15),
+) -> Tensor:
+    """DAFormer's strong augmentation of mixed images: colour jitter (brightness, contrast,
+    saturation and hue, each factor drawn within ``jitter_strength``, in random order) with
+    probability ``jitter_probability``, then Gaussian blur with sigma uniform in ``blur_sigma`` and a
+    kernel about a tenth of the image size, with probability ``blur_probability``. Each image draws
+    its own decisions from ``generator``.
+
+    images: (B, 3, H, W) ImageNet-normalised -> same shape, normalised.
+    """
+    rgb = denormalize(images).clamp(0, 1)
+
+    def uniform(low: float, high: float) -> float:
+        return low + (high - low) * torch.rand((), generator=generator).item()
+
+    augmented = []
+    for image in rgb:
+        if torch.rand((), generator=generator).item() < jitter_probability:
+            s = jitter_strength
+            ops = [
+                lambda x, f=uniform(1 - s, 1 + s): TF.adjust_brightness(x, f),
+                lambda x, f=uniform(1 - s, 1 + s): TF.adjust_contrast(x, f),
+                lambda x, f=uniform(1 - s, 1 + s): TF.adjust_saturation(x, f),
+                lambda x, f=uniform(-s, s): TF.adjust_hue(x, f),
+            ]
+            for index in torch.randperm(4, generator=generator).tolist():
+                image = ops[index](image)
+        if torch.rand((), generator=generator).item() < blur_probability:
+            sigma = uniform(*blur_sigma)
+            kernel = [_odd(0.1 * image.shape[-2]), _odd(0.1 * image.shape[-1])]
+            image = TF.gaussian_blur(image, kernel_size=kernel[::-1], sigma=[sigma, sigma])
+        augmented.append(image)
+    return normalize(torch.stack(augmented))
+
+
+def _odd(length: float) -> int:
+    size = max(3, int(math.ceil(length)))
+    return size if size % 2 == 1 else size + 1
+
+
+def majority_labels(labels: Tensor, size: tuple[int, int], num_classes: int, min_ratio: float = 0.75) -> Tensor:
+    """Downscale labels to a feature grid: a cell gets class c if c covers >= ``min_ratio`` of the
+    cell's pixels, otherwise 255 (DAFormer's ``downscale_label_ratio`` for the feature distance).
+
+    labels: (B, H, W) -> (B, h, w) int64. When H, W are not multiples of the grid, cells are the
+    (overlapping) bins of adaptive average pooling.
+    """
+    one_hot = F.one_hot(labels.clamp(max=num_classes), num_classes + 1).permute(0, 3, 1, 2).float()
+    fractions = F.adaptive_avg_pool2d(one_hot, size)[:, :num_classes]
+    ratio, cell_class = fractions.max(dim=1)
+    return torch.where(ratio >= min_ratio, cell_class, torch.full_like(cell_class, IGNORE_INDEX))
+
+
+def feature_distance(
+    features: Tensor, reference: Tensor, labels: Tensor, classes: Tensor, num_classes: int, min_ratio: float = 0.75
+) -> Tensor:
+    """DAFormer's thing-class ImageNet feature distance (sec. 3.4, eq. 7-8): mean L2 distance between
+    the student's and the frozen reference encoder's features, over feature cells dominated
+    (>= ``min_ratio``) by one of ``classes``. Returns 0 (with a graph) when no cell qualifies.
+
+    features, reference: (B, C, h, w); labels: (B, H, W); classes: (K,) trainIds.
+    """
+    cells = majority_labels(labels, features.shape[-2:], num_classes, min_ratio)
+    mask = torch.isin(cells, classes.to(cells.device))
+    if not mask.any():
+        return features.sum() * 0.0
+    distance = (features - reference.detach()).norm(dim=1)
+    return distance[mask].mean()

@@ -1,0 +1,149 @@
+"""DAFormer (Hoyer, Dai, Van Gool, CVPR 2022): self-training with an EMA teacher and three training
+strategies, each a switch for ablations.
+
+Per step (sec. 3.1, eq. 1-4; sec. 3.3-3.4):
+
+    L = CE(g(x_S), y_S)                                           source cross-entropy
+      + lambda_fd * L_FD(x_S, y_S)                                thing-class ImageNet feature distance (eq. 7-8)
+      + lambda_mix * mean_ij q_ij * CE(g(x_M), y_M)_ij             mixed pseudo-label loss (eq. 3-4)
+
+with x_M = ClassMix(x_S, x_T) followed by colour jitter and blur, y_M = source labels on pasted pixels
+and teacher pseudo-labels p_T = argmax h(x_T) elsewhere, q = 1 on pasted pixels and the batch's
+confidence ratio |{max softmax h(x_T) >= tau}| / (H W) elsewhere. The teacher h is the EMA of the
+student g (``EMATeacher``, updated by the loop). Rare-class sampling and the learning-rate warm-up
+are switched by ``rare_class_sampling`` and ``lr_warmup`` (read by the loop).
+
+The reference encoder of the feature distance is a frozen copy of the encoder as the run starts: the
+ImageNet weights at paper scale, the shared source-trained warm start on the embedded profile (which
+has no ImageNet weights). Subclasses (HRDA, add-ons) override the hooks ``forward_train``,
+``source_losses``, ``target_pseudo_labels`` and ``mixed_losses``.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from benchmark.classes import NUM_CLASSES, THING_CLASSES, TRAIN_ID
+from methods.base import Batch, Method, Params, SearchRange, cross_entropy, register
+from methods.components import EMATeacher, class_mix_masks, feature_distance, mix, pseudo_labels, strong_augment
+
+
+@dataclass
+class DAFormerParams(Params):
+    rare_class_sampling: bool = True
+    #: Confidence threshold tau of the pseudo-label weight.
+    pseudo_threshold: float = 0.968
+    #: Weight the pseudo-labels by the confidence ratio (False: weight 1 everywhere).
+    confidence_weighting: bool = True
+    #: Fractions of the crop height whose pseudo-labels get weight 0 (15 and 120 of 512 rows).
+    pseudo_ignore_top: float = 15 / 512
+    pseudo_ignore_bottom: float = 120 / 512
+    #: Weight of the mixed pseudo-label loss.
+    mix_weight: float = 1.0
+    #: Paste source classes into the target image (False: train on the plain target image).
+    class_mix: bool = True
+    #: Colour jitter and blur on the mixed image.
+    strong_augment: bool = True
+    jitter_strength: float = 0.2
+    jitter_probability: float = 0.8
+    blur_probability: float = 0.5
+    #: Upper bound of the EMA momentum, alpha_t = min(1 - 1/(t+1), ema_alpha).
+    ema_alpha: float = 0.999
+    #: Thing-class feature distance to the frozen reference encoder.
+    feature_distance: bool = True
+    feature_distance_weight: float = 0.005
+    #: A feature cell counts for a class when the class covers this fraction of its pixels.
+    feature_distance_min_ratio: float = 0.75
+
+
+@register
+class DAFormer(Method):
+    name = "daformer"
+    Params = DAFormerParams
+    search_space = {
+        "mix_weight": SearchRange(0.1, 3.0, log=True),
+        "feature_distance_weight": SearchRange(1e-4, 5e-2, log=True),
+        "pseudo_threshold": SearchRange(0.8, 0.99),
+    }
+
+    def __init__(self, model, params: DAFormerParams | None = None, seed: int = 0):
+        super().__init__(model, params, seed)
+        p = self.params
+        self.teacher = EMATeacher(model, alpha_max=p.ema_alpha)
+        self.reference_encoder = None
+        if p.feature_distance:
+            self.reference_encoder = copy.deepcopy(model.encoder).eval()
+            for parameter in self.reference_encoder.parameters():
+                parameter.requires_grad_(False)
+        self.register_buffer("thing_ids", torch.tensor([TRAIN_ID[c] for c in THING_CLASSES]), persistent=False)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.reference_encoder is not None:
+            self.reference_encoder.eval()
+        return self
+
+    # ---- hooks that subclasses override -------------------------------------------------------
+
+    def forward_train(self, images: Tensor) -> tuple[Tensor, list[Tensor]]:
+        """Student logits (B, C, h, w) and encoder features of a training batch."""
+        features = self.model.forward_features(images)
+        return self.model.head(features), features
+
+    def source_losses(self, source: Batch) -> dict[str, Tensor]:
+        logits, features = self.forward_train(source.image)
+        losses = {"source_ce": cross_entropy(logits, source.label)}
+        if self.reference_encoder is not None:
+            with torch.no_grad():
+                reference = self.reference_encoder(source.image)[self.model.levels[-1]]
+            distance = feature_distance(
+                features[-1], reference, source.label, self.thing_ids, NUM_CLASSES, self.params.feature_distance_min_ratio
+            )
+            losses["feature_distance"] = self.params.feature_distance_weight * distance
+        return losses
+
+    def target_pseudo_labels(self, target: Batch) -> tuple[Tensor, Tensor]:
+        """Teacher pseudo-labels (B, H, W) and their weights (B, H, W) on the un-augmented target."""
+        p = self.params
+        labels, weights = pseudo_labels(
+            self.teacher(target.image),
+            target.image.shape[-2:],
+            threshold=p.pseudo_threshold,
+            ignore_top=p.pseudo_ignore_top,
+            ignore_bottom=p.pseudo_ignore_bottom,
+        )
+        if not p.confidence_weighting:
+            weights = torch.where(weights > 0, torch.ones_like(weights), weights)
+        return labels, weights
+
+    def mixed_batch(self, source: Batch, target: Batch, labels: Tensor, weights: Tensor):
+        """ClassMix of source into target plus strong augmentation: images, labels, pixel weights."""
+        p = self.params
+        if p.class_mix:
+            masks = class_mix_masks(source.label, self.generator)
+            images = mix(masks, source.image, target.image)
+            labels = mix(masks, source.label, labels)
+            weights = mix(masks, torch.ones_like(weights), weights)
+        else:
+            images = target.image
+        if p.strong_augment:
+            images = strong_augment(
+                images, self.generator, p.jitter_strength, p.jitter_probability, p.blur_probability
+            )
+        return images, labels, weights
+
+    def mixed_losses(self, images: Tensor, labels: Tensor, weights: Tensor) -> dict[str, Tensor]:
+        logits, _ = self.forward_train(images)
+        return {"mix_ce": self.params.mix_weight * cross_entropy(logits, labels, weights)}
+
+    # ---- the step ----------------------------------------------------------------------------
+
+    def step(self, source: Batch, target: Batch, step: int) -> dict[str, Tensor]:
+        losses = self.source_losses(source)
+        labels, weights = self.target_pseudo_labels(target)
+        losses.update(self.mixed_losses(*self.mixed_batch(source, target, labels, weights)))
+        return losses

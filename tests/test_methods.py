@@ -1,0 +1,193 @@
+"""Registry-wide method tests (every registered method, no per-method test code) and the shared
+self-training components against hand-computed examples."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+
+import methods
+from benchmark.classes import NUM_CLASSES, TRAIN_ID
+from benchmark.data import denormalize, normalize
+from benchmark.models import build_segmentor
+from methods.base import Batch, Method, cross_entropy, method_class, register, registered, unregister
+from methods.components import (
+    EMATeacher,
+    class_mix_masks,
+    feature_distance,
+    majority_labels,
+    mix,
+    pseudo_labels,
+    strong_augment,
+)
+
+
+def _tiny_model():
+    torch.manual_seed(0)
+    return build_segmentor("efficientvit_b0", "daformer", NUM_CLASSES, 16)
+
+
+def _batch(seed: int, with_label: bool = True) -> Batch:
+    generator = torch.Generator().manual_seed(seed)
+    image = torch.randn(2, 3, 64, 64, generator=generator)
+    label = torch.randint(0, NUM_CLASSES, (2, 64, 64), generator=generator)
+    label[:, :4] = 255
+    label[0, 32:48, 32:48] = TRAIN_ID["car"]  # a thing region for the feature distance
+    return Batch(image, label if with_label else None)
+
+
+@pytest.mark.parametrize("name", registered())
+def test_every_method_takes_three_steps_with_finite_losses_and_full_gradients(name):
+    cls = method_class(name)
+    method = cls(_tiny_model(), seed=0)
+    method.train()
+    trainable = method.trainable_parameters()
+    assert trainable, f"{name} trains no parameter"
+    optimizer = torch.optim.AdamW(trainable, lr=1e-3)
+    frozen_before = [p.detach().clone() for p in method.parameters() if not p.requires_grad]
+    for step in range(3):
+        source = _batch(step)
+        target = _batch(100 + step, with_label=cls.uses_target_labels)
+        losses = method.step(source, target, step)
+        assert losses and all(isinstance(k, str) for k in losses)
+        for key, value in losses.items():
+            assert value.dim() == 0 and torch.isfinite(value), f"{name}: loss {key} = {value}"
+        optimizer.zero_grad(set_to_none=True)
+        sum(losses.values()).backward()
+        missing = [n for n, p in method.named_parameters() if p.requires_grad and (p.grad is None)]
+        assert not missing, f"{name}: no gradient reaches {missing[:5]}"
+        assert all(torch.isfinite(p.grad).all() for p in trainable)
+        optimizer.step()
+        if method.teacher is not None:
+            method.teacher.update(method.model, step)
+    if method.teacher is not None:
+        teacher_params = list(method.teacher.parameters())
+        assert teacher_params and not any(p.requires_grad for p in teacher_params)
+        assert not {id(p) for p in teacher_params} & {id(p) for p in trainable}
+    # frozen modules (teacher, reference encoder) are never trained by the optimiser: only EMA moves them
+    if method.teacher is None:
+        frozen_after = [p for p in method.parameters() if not p.requires_grad]
+        assert all(torch.equal(a, b) for a, b in zip(frozen_before, frozen_after))
+
+
+@pytest.mark.parametrize("name", registered())
+def test_every_method_declares_typed_params_and_a_valid_search_space(name):
+    cls = method_class(name)
+    params = cls.Params()
+    for f in dataclasses.fields(params):
+        assert f.type is not None and hasattr(params, f.name)
+    for key, space in cls.search_space.items():
+        assert space.low < space.high, f"{name}.{key}: empty range"
+        default = getattr(params, key)
+        assert space.low <= default <= space.high, f"{name}.{key}: default {default} outside its search range"
+
+
+def test_registering_a_name_twice_is_an_error():
+    with pytest.raises(ValueError, match="'daformer' is already registered by methods.daformer.DAFormer"):
+
+        @register
+        class Impostor(Method):
+            name = "daformer"
+
+
+def test_unknown_method_lists_the_registered_ones():
+    with pytest.raises(KeyError, match="unknown method 'daformr'.*daformer, source_only, target_oracle"):
+        method_class("daformr")
+
+
+def test_a_new_method_is_covered_by_registering_it():
+    @register
+    class Scaled(Method):
+        name = "test_scaled_source"
+
+        def step(self, source, target, step):
+            return {"ce": 0.5 * cross_entropy(self.model(source.image), source.label)}
+
+    try:
+        assert "test_scaled_source" in registered()
+        losses = method_class("test_scaled_source")(_tiny_model()).step(_batch(0), _batch(1, False), 0)
+        assert set(losses) == {"ce"}
+    finally:
+        unregister("test_scaled_source")
+    assert "test_scaled_source" not in registered()
+
+
+# ---- components ------------------------------------------------------------------------------
+
+
+def test_ema_teacher_follows_the_formula():
+    student = torch.nn.Linear(2, 1)
+    teacher = EMATeacher(student, alpha_max=0.999)
+    assert teacher.alpha(0) == 0.0 and teacher.alpha(9) == pytest.approx(0.9) and teacher.alpha(10**6) == 0.999
+    before = teacher.model.weight.detach().clone()
+    with torch.no_grad():
+        student.weight.add_(1.0)
+    teacher.update(student, step=3)  # alpha = 0.75
+    expected = 0.75 * before + 0.25 * student.weight.detach()
+    assert torch.allclose(teacher.model.weight, expected)
+    assert not teacher.model.weight.requires_grad
+
+
+def test_pseudo_labels_weight_is_the_confident_fraction_and_ignores_borders():
+    logits = torch.zeros(1, 3, 4, 4)
+    logits[0, 1, :2] = 10.0  # top half: class 1, softmax ~ 0.99991 >= 0.968
+    logits[0, 2, 2:] = 1.0  # bottom half: class 2, softmax ~ 0.58
+    labels, weights = pseudo_labels(logits, (4, 4), threshold=0.968, ignore_top=0.25, ignore_bottom=0.25)
+    assert labels[0].tolist() == [[1] * 4] * 2 + [[2] * 4] * 2
+    assert weights[0, 0].tolist() == [0.0] * 4 and weights[0, 3].tolist() == [0.0] * 4
+    assert weights[0, 1:3].unique().tolist() == [0.5]
+
+
+def test_class_mix_pastes_half_of_the_present_classes_whole():
+    label = torch.tensor([[[0, 0, 1, 1], [2, 2, 3, 255], [4, 4, 4, 4]]])
+    masks = class_mix_masks(label, torch.Generator().manual_seed(0))
+    pasted = label[masks].unique().tolist()
+    assert len(pasted) == math.ceil(5 / 2) and 255 not in pasted
+    for cls in range(5):  # a class is pasted entirely or not at all
+        assert masks[label == cls].all() or not masks[label == cls].any()
+    mixed = mix(masks, label, torch.full_like(label, 9))
+    assert torch.equal(mixed[masks], label[masks]) and (mixed[~masks] == 9).all()
+
+
+def test_strong_augment_is_seeded_and_identity_when_switched_off():
+    images = normalize(torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)))
+    same = [strong_augment(images, torch.Generator().manual_seed(5)) for _ in range(2)]
+    assert torch.equal(same[0], same[1]) and not torch.allclose(same[0], images)
+    off = strong_augment(images, torch.Generator().manual_seed(5), jitter_probability=0.0, blur_probability=0.0)
+    assert torch.allclose(denormalize(off), denormalize(images), atol=1e-5)
+
+
+def test_majority_labels_and_feature_distance_by_hand():
+    labels = torch.full((1, 4, 4), TRAIN_ID["road"])
+    labels[0, :2, :2] = TRAIN_ID["car"]  # top-left cell: all car
+    labels[0, 2:, 2:] = TRAIN_ID["person"]
+    labels[0, 3, 3] = TRAIN_ID["road"]  # bottom-right: 3/4 person = 0.75, still counts
+    labels[0, :2, 2:] = torch.tensor([[11, 13], [13, 0]])  # top-right: mixed, below the ratio
+    cells = majority_labels(labels, (2, 2), NUM_CLASSES, min_ratio=0.75)
+    assert cells[0].tolist() == [[TRAIN_ID["car"], 255], [TRAIN_ID["road"], TRAIN_ID["person"]]]
+    features = torch.zeros(1, 2, 2, 2)
+    reference = torch.zeros(1, 2, 2, 2)
+    features[0, :, 0, 0] = torch.tensor([3.0, 4.0])  # distance 5 at the car cell
+    features[0, :, 1, 0] = torch.tensor([30.0, 40.0])  # road cell: not a thing, ignored
+    things = torch.tensor([TRAIN_ID["car"], TRAIN_ID["person"]])
+    assert feature_distance(features, reference, labels, things, NUM_CLASSES).item() == pytest.approx(2.5)
+    road_only = torch.full((1, 4, 4), TRAIN_ID["road"])
+    assert feature_distance(features.requires_grad_(), reference, road_only, things, NUM_CLASSES).item() == 0.0
+
+
+def test_cross_entropy_ignores_255_and_handles_an_empty_batch():
+    logits = torch.zeros(1, 3, 2, 2, requires_grad=True)
+    label = torch.tensor([[[0, 1], [255, 255]]])
+    assert cross_entropy(logits, label).item() == pytest.approx(math.log(3))
+    empty = cross_entropy(logits, torch.full((1, 2, 2), 255))
+    assert empty.item() == 0.0
+    empty.backward()
+    weights = torch.tensor([[[1.0, 0.0], [1.0, 1.0]]])
+    assert cross_entropy(logits, label, weights).item() == pytest.approx(math.log(3) / 4)
+
+
+def test_methods_package_registers_the_baselines():
+    assert {"source_only", "target_oracle", "daformer"} <= set(methods.registered())
