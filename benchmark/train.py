@@ -118,18 +118,22 @@ def combined_hash(hashes: dict[str, str]) -> str:
 # the warm start
 
 
-def warm_start_path(run: RunConfig) -> Path:
+WARM_START_DIR = REPO / "results" / "warm_start"
+
+
+def warm_start_path(run: RunConfig, directory: Path = WARM_START_DIR) -> Path:
     """Where the shared source-only warm start of this benchmark and seed is cached; the name holds
     a hash of everything it depends on, so a changed setting never reuses a stale one."""
+    warm = warm_start_config(run)
     depends_on = {
-        "model": to_mapping(run.settings.model),
-        "optim": to_mapping(run.settings.optim),
-        "warm_start": to_mapping(run.settings.warm_start),
+        "seed": run.seed,
+        "model": to_mapping(warm.settings.model),
+        "optim": to_mapping(warm.settings.optim),
         "data": to_mapping(run.data),
         "splits": split_hashes(run),
     }
     digest = hashlib.sha256(json.dumps(depends_on, sort_keys=True).encode()).hexdigest()[:12]
-    return REPO / "results" / "warm_start" / run.profile / run.benchmark / f"seed{run.seed}-{digest}.pt"
+    return Path(directory) / run.profile / run.benchmark / f"seed{run.seed}-{digest}.pt"
 
 
 def warm_start_config(run: RunConfig) -> RunConfig:
@@ -143,8 +147,8 @@ def warm_start_config(run: RunConfig) -> RunConfig:
     return replace(run, method="source_only", settings=settings, method_params={})
 
 
-def ensure_warm_start(run: RunConfig, progress: bool = True) -> Path:
-    path = warm_start_path(run)
+def ensure_warm_start(run: RunConfig, progress: bool = True, directory: Path = WARM_START_DIR) -> Path:
+    path = warm_start_path(run, directory)
     if path.is_file():
         return path
     state = _train_steps(warm_start_config(run), progress=progress, description="warm start")["model_state"]
@@ -173,7 +177,12 @@ def load_warm_start(model: torch.nn.Module, path: Path) -> None:
 
 
 def _train_steps(
-    run: RunConfig, progress: bool = True, description: str = "train", live=None, checkpoint: Path | None = None
+    run: RunConfig,
+    progress: bool = True,
+    description: str = "train",
+    live=None,
+    checkpoint: Path | None = None,
+    warm_start_dir: Path = WARM_START_DIR,
 ) -> dict:
     """Train ``run`` from its initial weights; returns the method and the final model state.
 
@@ -212,7 +221,7 @@ def _train_steps(
 
     model = build_model(run)
     if settings.warm_start.steps > 0:
-        load_warm_start(model, ensure_warm_start(run, progress))
+        load_warm_start(model, ensure_warm_start(run, progress, warm_start_dir))
     method = method_cls(model, params, seed=run.seed)
     method.train()
     groups = method.parameter_groups()
@@ -225,6 +234,9 @@ def _train_steps(
         weight_decay=settings.optim.weight_decay,
     )
     select_loader = _eval_loader(run, "target_select") if settings.eval.interval > 0 else None
+    # the global generator drives dropout; re-seed it so a run that first had to train its warm start
+    # continues exactly as one that loaded it from the cache
+    torch.manual_seed(run.seed)
     steps = settings.optim.steps
     warmup = settings.optim.warmup_steps if params.lr_warmup else 0
     select_curve: list[tuple[int, float]] = []
@@ -307,7 +319,7 @@ def _clean(value: float) -> float | None:
     return None if math.isnan(value) else round(value, 4)
 
 
-def train(run: RunConfig, out: Path | str, progress: bool = True) -> dict:
+def train(run: RunConfig, out: Path | str, progress: bool = True, warm_start_dir: Path = WARM_START_DIR) -> dict:
     """Train, evaluate on target_test and write ``out/metrics.json``; returns the record."""
     from dvclive import Live
 
@@ -316,7 +328,9 @@ def train(run: RunConfig, out: Path | str, progress: bool = True) -> dict:
     hashes = split_hashes(run)
     (out / "metrics.json").unlink(missing_ok=True)  # never leave a stale record beside a new run
     with Live(str(out / "dvclive"), save_dvc_exp=False, dvcyaml=None, report=None) as live:
-        result = _train_steps(run, progress=progress, live=live, checkpoint=out / "checkpoint.pt")
+        result = _train_steps(
+            run, progress=progress, live=live, checkpoint=out / "checkpoint.pt", warm_start_dir=warm_start_dir
+        )
         method = result["method"]
         test = _evaluate(method.model, _eval_loader(run, "target_test"), run)
     per_class = test.named_per_class_iou()
@@ -357,6 +371,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides, e.g. optim.steps=100")
     parser.add_argument("--out", type=Path, default=None, help="run folder (default results/runs/B/M/seedS)")
     parser.add_argument("--warm-start-only", action="store_true", help="only make the shared warm start")
+    parser.add_argument("--warm-start-dir", type=Path, default=WARM_START_DIR, help="cache of shared warm starts")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     try:
@@ -364,9 +379,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.warm_start_only:
             if run.settings.warm_start.steps <= 0:
                 raise ConfigError(f"profile {run.profile} has no warm start (warm_start.steps is 0)")
-            print(ensure_warm_start(run, progress=not args.no_progress))
+            print(ensure_warm_start(run, progress=not args.no_progress, directory=args.warm_start_dir))
             return 0
-        record = train(run, args.out or default_out(run), progress=not args.no_progress)
+        record = train(
+            run, args.out or default_out(run), progress=not args.no_progress, warm_start_dir=args.warm_start_dir
+        )
     except (ConfigError, DatasetFormatError) as error:
         print(f"train.py: error: {error}", file=sys.stderr)
         return 2

@@ -1,0 +1,97 @@
+"""Is the embedded benchmark a real adaptation problem? Train source-only, DAFormer and the target
+oracle on both mini benchmarks for several seeds and print the table.
+
+    python benchmark/adaptation_gap.py                      # 3 seeds, both mini benchmarks
+    python benchmark/adaptation_gap.py --seeds 0 --benchmarks mini-gta2cs --set optim.steps=200
+
+Criteria (the training issue's acceptance): target-test mIoU of source-only at most 80% of the
+oracle's; DAFormer closes at least 40% of the source-only -> oracle gap on the seed mean, with a gain
+over source-only larger than twice the seed standard deviation. The shared warm starts are trained
+first, so each run's wall time is its own; the median wall time of the DAFormer runs is printed.
+Records go to ``--out`` (default ``results/adaptation_gap``), one folder per run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from benchmark.profiles import resolve
+from benchmark.train import REPO, ensure_warm_start, train
+
+METHODS = ("source_only", "daformer", "target_oracle")
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--benchmarks", nargs="+", default=["mini-gta2cs", "mini-synthia2cs"])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS))
+    parser.add_argument("--params", type=Path, default=REPO / "params.yaml")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--out", type=Path, default=REPO / "results" / "adaptation_gap")
+    args = parser.parse_args(argv)
+
+    results: dict[tuple[str, str], list[dict]] = {}
+    for benchmark in args.benchmarks:
+        for seed in args.seeds:
+            run = resolve(args.params, benchmark, "source_only", seed, overrides=args.set)
+            if run.settings.warm_start.steps > 0:
+                started = time.perf_counter()
+                ensure_warm_start(run, progress=False)
+                print(f"warm start {benchmark} seed {seed}: {time.perf_counter() - started:.1f} s", file=sys.stderr)
+            for method in args.methods:
+                run = resolve(args.params, benchmark, method, seed, overrides=args.set)
+                record = train(run, args.out / benchmark / method / f"seed{seed}", progress=False)
+                headline = "miou19" if "miou19" in record else "miou16"
+                print(
+                    f"{benchmark} {method} seed {seed}: {headline} {record[headline]:.2f} "
+                    f"({record['wall_time_s']:.1f} s)",
+                    file=sys.stderr,
+                )
+                results.setdefault((benchmark, method), []).append(record)
+
+    print(f"\n| benchmark | metric | {' | '.join(args.methods)} | SO/oracle | gap closed | gain / (2 std) |")
+    print(f"|---|---|{'---|' * len(args.methods)}---|---|---|")
+    verdicts = []
+    for benchmark in args.benchmarks:
+        headline = "miou19" if "miou19" in results[(benchmark, args.methods[0])][0] else "miou16"
+        stats = {m: _mean_std([r[headline] for r in results[(benchmark, m)]]) for m in args.methods}
+        cells = " | ".join(f"{mean:.2f} ± {std:.2f}" for mean, std in stats.values())
+        if set(METHODS) <= set(args.methods):
+            source, adapted, oracle = (stats[m] for m in METHODS)
+            ratio = source[0] / oracle[0]
+            closed = (adapted[0] - source[0]) / (oracle[0] - source[0])
+            spread = 2 * max(source[1], adapted[1])
+            gain_ratio = (adapted[0] - source[0]) / spread if spread > 0 else float("inf")
+            verdicts.append((benchmark, ratio <= 0.8, closed >= 0.4, gain_ratio > 1))
+            extra = f"{ratio:.2f} | {100 * closed:.0f}% | {gain_ratio:.1f}"
+        else:
+            extra = "- | - | -"
+        print(f"| {benchmark} | {headline} (n={len(args.seeds)}) | {cells} | {extra} |")
+    if "daformer" in args.methods:
+        times = [r["wall_time_s"] for (b, m), records in results.items() if m == "daformer" for r in records]
+        print(f"\nDAFormer run wall time: median {statistics.median(times):.1f} s over {len(times)} runs")
+    for benchmark, ratio_ok, closed_ok, gain_ok in verdicts:
+        print(
+            f"{benchmark}: source-only <= 80% of oracle: {'yes' if ratio_ok else 'NO'}; "
+            f"DAFormer closes >= 40% of the gap: {'yes' if closed_ok else 'NO'}; "
+            f"gain > 2 std: {'yes' if gain_ok else 'NO'}"
+        )
+    summary = {
+        f"{b}/{m}": [r.get("miou19", r.get("miou16")) for r in records] for (b, m), records in results.items()
+    }
+    (args.out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
