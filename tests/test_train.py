@@ -121,3 +121,19 @@ def test_tiny_run_writes_a_complete_record_and_repeats_bit_identically(data_root
     for key in ("per_class_iou", "miou19", "select_miou", "select_curve", "split_hash"):
         assert first[key] == second[key], f"{key} differs between two runs with the same seed"
     assert len(list((tmp_path / "warm").rglob("seed1-*.pt"))) == 1
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("optim.lr=3e-4", (["optim", "lr"], 3e-4)),
+        ("optim.steps=200", (["optim", "steps"], 200)),
+        ("method.class_mix=false", (["method", "class_mix"], False)),
+        ("data.crop=[64, 64]", (["data", "crop"], [64, 64])),
+        ("model.encoder=resnet18", (["model", "encoder"], "resnet18")),
+    ],
+)
+def test_overrides_parse_as_a_user_means_them(text, expected):
+    from benchmark.config import parse_override
+
+    assert parse_override(text) == expected
