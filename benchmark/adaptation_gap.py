@@ -8,7 +8,9 @@ Criteria (the training issue's acceptance): target-test mIoU of source-only at m
 oracle's; DAFormer closes at least 40% of the source-only -> oracle gap on the seed mean, with a gain
 over source-only larger than twice the seed standard deviation. The shared warm starts are trained
 first, so each run's wall time is its own; the median wall time of the DAFormer runs is printed.
-Records go to ``--out`` (default ``results/adaptation_gap``), one folder per run.
+Records go to ``--out`` (default ``results/adaptation_gap``), one folder per run. With ``--records
+DIR`` nothing is trained: the table is made from finished records ``DIR/<benchmark>/<method>/seed<k>/
+metrics.json``, e.g. those `dvc repro` wrote to ``results/runs``.
 """
 
 from __future__ import annotations
@@ -38,10 +40,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--params", type=Path, default=REPO / "params.yaml")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
     parser.add_argument("--out", type=Path, default=REPO / "results" / "adaptation_gap")
+    parser.add_argument("--records", type=Path, default=None, help="read finished records here instead of training")
     args = parser.parse_args(argv)
 
     results: dict[tuple[str, str], list[dict]] = {}
-    for benchmark in args.benchmarks:
+    if args.records is not None:
+        for benchmark in args.benchmarks:
+            for method in args.methods:
+                for seed in args.seeds:
+                    path = args.records / benchmark / method / f"seed{seed}" / "metrics.json"
+                    if not path.is_file():
+                        print(f"adaptation_gap.py: error: {path} not found", file=sys.stderr)
+                        return 2
+                    results.setdefault((benchmark, method), []).append(json.loads(path.read_text()))
+    for benchmark in args.benchmarks if args.records is None else []:
         for seed in args.seeds:
             run = resolve(args.params, benchmark, "source_only", seed, overrides=args.set)
             if run.settings.warm_start.steps > 0:
@@ -89,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     summary = {
         f"{b}/{m}": [r.get("miou19", r.get("miou16")) for r in records] for (b, m), records in results.items()
     }
-    (args.out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    if args.records is None:
+        (args.out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     return 0
 
 
