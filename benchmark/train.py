@@ -2,6 +2,7 @@
 
     python benchmark/train.py --benchmark mini-gta2cs --method daformer --seed 0
     python benchmark/train.py --benchmark mini-gta2cs --method daformer --seed 0 --set optim.steps=200 method.mix_weight=0.5
+    python benchmark/train.py --benchmark mini-gta2cs --method daformer --seed 0 --tuned   # weights from benchmark/tune.py
 
 The loop reads top to bottom: build data, model and method; for each step draw a source and a target
 batch, let the method compute its named losses, sum them, backward, step the optimiser at the
@@ -26,6 +27,7 @@ import platform
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 
@@ -183,11 +185,14 @@ def _train_steps(
     live=None,
     checkpoint: Path | None = None,
     warm_start_dir: Path = WARM_START_DIR,
+    on_select: Callable[[int, float], None] | None = None,
 ) -> dict:
     """Train ``run`` from its initial weights; returns the method and the final model state.
 
     Every ``checkpoint_interval`` steps the whole training state (method with teacher, optimiser,
-    sampler and generator states) is written atomically to ``checkpoint``.
+    sampler and generator states) is written atomically to ``checkpoint``. ``on_select(steps_done,
+    select_miou)`` is called after every select evaluation; tuning reports it to its pruner there, and
+    an exception it raises (a pruned trial) ends the run.
     """
     torch.manual_seed(run.seed)
     method_cls = method_class(run.method)
@@ -277,6 +282,8 @@ def _train_steps(
                 live.step = step
                 live.log_metric("select/miou", miou)
             method.train()
+            if on_select is not None:
+                on_select(step + 1, miou)
         if checkpoint is not None and settings.checkpoint_interval and (step + 1) % settings.checkpoint_interval == 0:
             state = {
                 "kind": "uda-seg-bench checkpoint",
@@ -370,12 +377,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--params", type=Path, default=REPO / "params.yaml", help="parameter file")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides, e.g. optim.steps=100")
     parser.add_argument("--out", type=Path, default=None, help="run folder (default results/runs/B/M/seedS)")
+    parser.add_argument(
+        "--tuned", nargs="?", const="", default=None, metavar="BEST_YAML",
+        help="apply tuned method weights from results/tuning/B/M/best.yaml or the file given (--set still wins)",
+    )
     parser.add_argument("--warm-start-only", action="store_true", help="only make the shared warm start")
     parser.add_argument("--warm-start-dir", type=Path, default=WARM_START_DIR, help="cache of shared warm starts")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     try:
-        run = resolve(args.params, args.benchmark, args.method, args.seed, args.profile, args.set)
+        overrides = list(args.set)
+        if args.tuned is not None:
+            from benchmark.tune import study_dir, tuned_overrides
+
+            best = Path(args.tuned) if args.tuned else study_dir(args.benchmark, args.method) / "best.yaml"
+            overrides = tuned_overrides(best, args.benchmark, args.method) + overrides
+        run = resolve(args.params, args.benchmark, args.method, args.seed, args.profile, overrides)
         if args.warm_start_only:
             if run.settings.warm_start.steps <= 0:
                 raise ConfigError(f"profile {run.profile} has no warm start (warm_start.steps is 0)")
