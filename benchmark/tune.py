@@ -121,7 +121,8 @@ def describe_storage(spec: str | Path) -> str:
     """The storage as it may be written into results: a URL without its password."""
     spec = str(spec)
     if "://" not in spec:
-        return spec
+        path = Path(spec).resolve()
+        return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
     from sqlalchemy.engine import make_url
 
     return make_url(spec).render_as_string(hide_password=True)
@@ -548,7 +549,8 @@ def write_results(study: optuna.Study, out: Path, meta: dict) -> dict | None:
     write_bytes_atomic(out / "history.png", history_figure(study))
     if counts["complete"] >= 2:
         importances = optuna.importance.get_param_importances(study)
-        write_bytes_atomic(out / "importances.png", importance_figure(importances, f"parameter importance, {study.study_name}"))
+        title = f"parameter importance, {study.study_name} ({counts['complete']} complete trials)"
+        write_bytes_atomic(out / "importances.png", importance_figure(importances, title))
     return summary
 
 
