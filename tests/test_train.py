@@ -134,6 +134,14 @@ def test_hrda_trains_at_its_own_scale_from_the_shared_warm_start_and_tests_slidi
     assert warm_start == train.warm_start_path(daformer, tmp_path / "warm")
 
 
+def test_step_time_times_interleaved_steps_of_each_method(data_root):
+    from benchmark.step_time import measure
+
+    times = measure(_tiny_params(data_root), "mini-gta2cs", ["daformer", "hrda"], steps=2, warmup=1, progress=False)
+    assert set(times) == {"daformer", "hrda"}
+    assert all(len(seconds) == 2 and min(seconds) > 0 for seconds in times.values())
+
+
 @pytest.mark.parametrize(
     "text, expected",
     [
