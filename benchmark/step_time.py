@@ -118,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"step_time.py: error: {error}", file=sys.stderr)
         return 2
     reference = statistics.median(times[args.methods[0]])
-    print(f"{args.benchmark}, {args.steps} timed steps per method after {args.warmup} untimed, {torch.get_num_threads()} threads")
+    threads = torch.get_num_threads()
+    print(f"{args.benchmark}: {args.steps} timed steps per method after {args.warmup} untimed, {threads} threads")
     for name in args.methods:
         median = statistics.median(times[name])
         print(f"{name}: median {median:.3f} s/step, {median / reference:.2f}x {args.methods[0]}")

@@ -40,7 +40,8 @@ def test_attention_is_zero_outside_the_detail_crop_in_training():
     # on the fused grid (16 x 16) nothing outside the box depends on the detail view
     fine_inside = torch.zeros(16, 16, dtype=torch.bool)
     fine_inside[2:10, 6:14] = True
-    (outside_grad,) = torch.autograd.grad(prediction.fused[..., ~fine_inside].sum(), prediction.detail, retain_graph=True)
+    outside = prediction.fused[..., ~fine_inside].sum()
+    (outside_grad,) = torch.autograd.grad(outside, prediction.detail, retain_graph=True)
     assert (outside_grad == 0).all()
     (inside_grad,) = torch.autograd.grad(prediction.fused[..., fine_inside].sum(), prediction.detail)
     assert inside_grad.abs().sum() > 0
@@ -66,7 +67,8 @@ def test_sliding_window_with_one_window_covering_the_image_equals_whole_image_in
         sliding = predict_sliding(whole_detail, images, window=(64, 128), stride=(32, 64), num_classes=NUM_CLASSES)
         assert torch.allclose(sliding, predict_whole(whole_detail, images))
         # inside the multi-resolution inference: one detail window over the crop is the segmentor on the crop
-        assert torch.allclose(whole_detail.detail_sliding(images), segmentor.head(segmentor.forward_features(images)), atol=1e-6)
+        single_window = segmentor.head(segmentor.forward_features(images))
+        assert torch.allclose(whole_detail.detail_sliding(images), single_window, atol=1e-6)
 
 
 def test_overlapping_detail_windows_average_their_logits():
