@@ -199,7 +199,7 @@ def predict_whole(model: Model, images: Tensor) -> Tensor:
     return _to_size(model(images), tuple(images.shape[-2:]))
 
 
-def _window_starts(length: int, window: int, stride: int) -> list[int]:
+def window_starts(length: int, window: int, stride: int) -> list[int]:
     """Window origins along one axis: every ``stride`` pixels, the last window flush with the far edge."""
     if window >= length:
         return [0]
@@ -231,8 +231,8 @@ def predict_sliding(
     crop_h, crop_w = min(win_h, height), min(win_w, width)
     summed = images.new_zeros((batch, num_classes, height, width), dtype=torch.float32)
     count = images.new_zeros((1, 1, height, width), dtype=torch.float32)
-    for top in _window_starts(height, crop_h, stride_h):
-        for left in _window_starts(width, crop_w, stride_w):
+    for top in window_starts(height, crop_h, stride_h):
+        for left in window_starts(width, crop_w, stride_w):
             crop = images[:, :, top : top + crop_h, left : left + crop_w]
             logits = _to_size(model(crop), (crop_h, crop_w))
             if logits.shape[1] != num_classes:

@@ -91,6 +91,20 @@ def _evaluate(model, loader, run: RunConfig):
     return evaluate(model, loader, NUM_CLASSES, mode=settings.mode, window=settings.window, stride=settings.stride)
 
 
+def method_settings(run: RunConfig) -> RunConfig:
+    """The run as its method trains and tests it. A method that defines the class method
+    ``run_settings(params, data, eval) -> (data, eval)`` trains and tests at its own data scales and
+    test inference (HRDA: twice the benchmark's resolution, sliding windows); the shared warm start
+    keeps the benchmark's own."""
+    from dataclasses import replace
+
+    adapt = getattr(method_class(run.method), "run_settings", None)
+    if adapt is None:
+        return run
+    data, evaluation = adapt(method_params(run), run.data, run.settings.eval)
+    return replace(run, data=data, settings=replace(run.settings, eval=evaluation))
+
+
 def build_model(run: RunConfig) -> torch.nn.Module:
     model_config = run.settings.model
     return build_segmentor(
@@ -197,7 +211,8 @@ def _train_steps(
     torch.manual_seed(run.seed)
     method_cls = method_class(run.method)
     params = method_params(run)
-    data, settings = run.data, run.settings
+    trained = method_settings(run)
+    data, settings = trained.data, trained.settings
 
     source = SegmentationDataset(
         data.source.root,
@@ -238,7 +253,7 @@ def _train_steps(
         lr=settings.optim.lr,
         weight_decay=settings.optim.weight_decay,
     )
-    select_loader = _eval_loader(run, "target_select") if settings.eval.interval > 0 else None
+    select_loader = _eval_loader(trained, "target_select") if settings.eval.interval > 0 else None
     # the global generator drives dropout; re-seed it so a run that first had to train its warm start
     # continues exactly as one that loaded it from the cache
     torch.manual_seed(run.seed)
@@ -275,7 +290,7 @@ def _train_steps(
                     live.log_metric(f"train/{name}", value)
                 live.log_metric("train/lr", lr)
         if select_loader is not None and ((step + 1) % settings.eval.interval == 0 or step == steps - 1):
-            per_class = _evaluate(method.model, select_loader, run).named_per_class_iou()
+            per_class = _evaluate(method.model, select_loader, trained).named_per_class_iou()
             miou = _headline(per_class, run)
             select_curve.append((step + 1, miou))
             if live is not None:
@@ -339,7 +354,8 @@ def train(run: RunConfig, out: Path | str, progress: bool = True, warm_start_dir
             run, progress=progress, live=live, checkpoint=out / "checkpoint.pt", warm_start_dir=warm_start_dir
         )
         method = result["method"]
-        test = _evaluate(method.model, _eval_loader(run, "target_test"), run)
+        tested = method_settings(run)
+        test = _evaluate(method.model, _eval_loader(tested, "target_test"), tested)
     per_class = test.named_per_class_iou()
     record = {
         "record_version": RECORD_VERSION,
@@ -351,7 +367,8 @@ def train(run: RunConfig, out: Path | str, progress: bool = True, warm_start_dir
         **{name: _clean(value) for name, value in protocol_mious(per_class, run.data.protocol).items()},
         "select_miou": _clean(result["select_curve"][-1][1]) if result["select_curve"] else None,
         "select_curve": [[step, _clean(m)] for step, m in result["select_curve"]],
-        "test_inference": run.settings.eval.mode,
+        "test_inference": tested.settings.eval.mode,
+        "test_scale": list(tested.data.test_scale),
         "split_hash": combined_hash(hashes),
         "split_hashes": hashes,
         "steps": run.settings.optim.steps,

@@ -3,7 +3,7 @@
 Importing this package registers every method; ``methods.base.registered()`` lists them.
 """
 
-from methods import daformer, source_only, target_oracle  # noqa: F401  (registration)
+from methods import daformer, hrda, source_only, target_oracle  # noqa: F401  (registration)
 from methods.base import Batch, Method, method_class, register, registered
 
 __all__ = ["Batch", "Method", "method_class", "register", "registered"]

@@ -16,7 +16,8 @@ are switched by ``rare_class_sampling`` and ``lr_warmup`` (read by the loop).
 The reference encoder of the feature distance is a frozen copy of the encoder as the run starts: the
 ImageNet weights at paper scale, the shared source-trained warm start on the embedded profile (which
 has no ImageNet weights). Subclasses (HRDA, add-ons) override the hooks ``forward_train``,
-``source_losses``, ``target_pseudo_labels`` and ``mixed_losses``.
+``source_losses``, ``target_pseudo_labels`` and ``mixed_losses``; ``feature_distance_loss`` computes the
+feature-distance term for whatever view of the source images the student's encoder saw.
 """
 
 from __future__ import annotations
@@ -98,13 +99,22 @@ class DAFormer(Method):
         logits, features = self.forward_train(source.image)
         losses = {"source_ce": cross_entropy(logits, source.label)}
         if self.reference_encoder is not None:
-            with torch.no_grad():
-                reference = self.reference_encoder(source.image)[self.model.levels[-1]]
-            distance = feature_distance(
-                features[-1], reference, source.label, self.thing_ids, NUM_CLASSES, self.params.feature_distance_min_ratio
-            )
-            losses["feature_distance"] = self.params.feature_distance_weight * distance
+            losses["feature_distance"] = self.feature_distance_loss(source.image, source.label, features)
         return losses
+
+    def feature_distance_loss(self, images: Tensor, labels: Tensor, features: list[Tensor]) -> Tensor:
+        """Weighted thing-class feature distance (sec. 3.4, eq. 7-8) between the student's ``features``
+        of ``images`` and the frozen reference encoder's features of the same images.
+
+        images: (B, 3, H, W) as the student's encoder saw them; labels: (B, H', W') of the same field of
+        view at any resolution; features: the student's levels, the last one compared.
+        """
+        with torch.no_grad():
+            reference = self.reference_encoder(images)[self.model.levels[-1]]
+        distance = feature_distance(
+            features[-1], reference, labels, self.thing_ids, NUM_CLASSES, self.params.feature_distance_min_ratio
+        )
+        return self.params.feature_distance_weight * distance
 
     def target_pseudo_labels(self, target: Batch) -> tuple[Tensor, Tensor]:
         """Teacher pseudo-labels (B, H, W) and their weights (B, H, W) on the un-augmented target."""

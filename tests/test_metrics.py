@@ -14,13 +14,13 @@ from torch import nn
 from benchmark.classes import CLASSES, CLASSES_13, CLASSES_16, IGNORE_INDEX, NUM_CLASSES
 from benchmark.metrics import (
     ConfusionMatrix,
-    _window_starts,
     evaluate,
     family_of,
     miou_over,
     predict_sliding,
     predict_whole,
     protocol_mious,
+    window_starts,
 )
 
 PUBLISHED = Path(__file__).parents[1] / ".." / "shared" / "reference" / "published_results.csv"
@@ -217,11 +217,11 @@ def test_sliding_with_overlapping_windows_equals_whole_for_translation_equivaria
 
 
 def test_window_starts_cover_the_last_row_and_column():
-    assert _window_starts(10, 4, 3) == [0, 3, 6]
-    assert _window_starts(11, 4, 3) == [0, 3, 6, 7]
-    assert _window_starts(5, 8, 3) == [0]
+    assert window_starts(10, 4, 3) == [0, 3, 6]
+    assert window_starts(11, 4, 3) == [0, 3, 6, 7]
+    assert window_starts(5, 8, 3) == [0]
     for length, window, stride in [(37, 16, 10), (1024, 512, 341), (53, 20, 13)]:
-        starts = _window_starts(length, window, stride)
+        starts = window_starts(length, window, stride)
         covered = np.zeros(length, dtype=bool)
         for start in starts:
             covered[start : start + window] = True

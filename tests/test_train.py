@@ -90,7 +90,7 @@ def test_committed_params_resolve_for_every_benchmark_and_method():
     params = load_yaml(REPO / "params.yaml")
     for profile in params["profiles"]:
         for benchmark in params["benchmarks"]:
-            for method in ("source_only", "daformer", "target_oracle"):
+            for method in ("source_only", "daformer", "hrda", "target_oracle"):
                 run = resolve(params, benchmark, method, seed=0, profile=profile)
                 assert run.data.protocol in ("gta2cs", "synthia2cs")
 
@@ -121,6 +121,25 @@ def test_tiny_run_writes_a_complete_record_and_repeats_bit_identically(data_root
     for key in ("per_class_iou", "miou19", "select_miou", "select_curve", "split_hash"):
         assert first[key] == second[key], f"{key} differs between two runs with the same seed"
     assert len(list((tmp_path / "warm").rglob("seed1-*.pt"))) == 1
+
+
+def test_hrda_trains_at_its_own_scale_from_the_shared_warm_start_and_tests_sliding(data_root, tmp_path):
+    params = _tiny_params(data_root)
+    run = resolve(params, "mini-gta2cs", "hrda", seed=1)
+    record = train.train(run, tmp_path / "run", progress=False, warm_start_dir=tmp_path / "warm")
+    assert record["test_inference"] == "sliding" and record["test_scale"] == [64, 128]
+    assert record["miou19"] is not None and len(record["select_curve"]) == 2
+    (warm_start,) = (tmp_path / "warm").rglob("seed1-*.pt")
+    daformer = resolve(params, "mini-gta2cs", "daformer", seed=1)
+    assert warm_start == train.warm_start_path(daformer, tmp_path / "warm")
+
+
+def test_step_time_times_interleaved_steps_of_each_method(data_root):
+    from benchmark.step_time import measure
+
+    times = measure(_tiny_params(data_root), "mini-gta2cs", ["daformer", "hrda"], steps=2, warmup=1, progress=False)
+    assert set(times) == {"daformer", "hrda"}
+    assert all(len(seconds) == 2 and min(seconds) > 0 for seconds in times.values())
 
 
 @pytest.mark.parametrize(

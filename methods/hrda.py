@@ -1,0 +1,379 @@
+"""HRDA (Hoyer, Dai, Van Gool, "HRDA: Context-Aware High-Resolution Domain-Adaptive Semantic
+Segmentation", ECCV 2022): multi-resolution training with a learned scale attention, as a base method
+over DAFormer's self-training.
+
+HRDA trains on crops taken at ``resolution_scale`` times the benchmark's resolution (the paper: 1024x1024
+crops of 2048x1024 Cityscapes and 2560x1440 GTA images, where DAFormer takes 512x512 crops of 1024x512
+and 1280x720). Per training crop x (B, 3, H, W), with the encoder f, the decode head h and the output
+stride o of h (4):
+
+    x_c = zeta(x, s)                           context view: the whole crop downscaled by s = 0.5 (sec. 3.2)
+    x_d = x[b_d]                               detail view: a random sub-crop at full resolution (sec. 3.2);
+                                               its corners lie on multiples of k = o / s, so it aligns with
+                                               the context prediction grid
+    y_c = h(f(x_c)),  y_d = h(f(x_d))          one encoder and one decode head for both views
+    a_c = sigmoid(h_a(f(x_c)))                 scale attention from the context features, one map per
+                                               class, on the grid of y_c (sec. 3.3)
+    a_c' = a_c inside b_d, 0 outside           during training only: the detail view covers b_d only
+    y_F = zeta((1 - a_c') * y_c, 1/s) + zeta(a_c', 1/s) * y_d'          fused prediction (sec. 3.3),
+                                               y_d' = y_d placed at b_d on the fine grid, zero elsewhere
+    L = (1 - lambda_d) CE(y_F, y) + lambda_d CE(y_d, y[b_d])            lambda_d = 0.1 (sec. 3.3)
+
+L is applied to the source crop with its labels and to the ClassMix crop with its pseudo-labels and
+pixel weights (cropped alike for the detail term). Pseudo-labels come from the teacher's full
+multi-resolution inference (sec. 3.4): the attention is not masked and the detail prediction of the
+whole crop is assembled from overlapping detail windows (stride half a window); this is
+``HRDASegmentor.forward``, so the EMA teacher and the evaluation both run it unchanged. At test time
+sliding windows of the training-crop size (stride half a crop) cover the full-resolution image, each
+window predicted by that same multi-resolution inference (``HRDA.run_settings`` tells the loop).
+
+Everything else is DAFormer's (``methods/daformer.py``): EMA teacher, confidence-weighted pseudo-labels,
+ClassMix with colour jitter and blur, rare-class sampling (its crop criterion scaled by the pixel count,
+resolution_scale^2 x 0.5 = 2.0 as the official configuration has it) and the thing-class feature
+distance, computed on the context view as the official code does (``feature_scale=0.5``). The scale
+attention head is a SegFormer-style head (per-level linear embedding, 1x1 fusion), the official code's
+DAFormer head with its ASPP replaced by a 1x1 convolution. Known difference: the official code also
+ignores a 30-pixel left and right margin of the pseudo-labels; here only DAFormer's top and bottom
+fractions are, which at HRDA's full-height crops equal its 30 and 240 rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from benchmark.config import ConfigError
+from benchmark.metrics import window_starts
+from benchmark.models import SegFormerHead, Segmentor
+from methods.base import Batch, SearchRange, cross_entropy, register
+from methods.daformer import DAFormer, DAFormerParams
+
+
+@dataclass
+class HRDAParams(DAFormerParams):
+    #: Train and test at this multiple of the benchmark's resolution: its image scales, training crop and
+    #: test scale (the paper's 1024x1024 crops of 2048x1024 images against DAFormer's 512 of 1024x512).
+    resolution_scale: float = 2.0
+    #: s: the context view is the training crop downscaled by this (paper: 1024 -> 512).
+    context_scale: float = 0.5
+    #: Side of the detail crop as a fraction of the training crop (paper: 512 of 1024).
+    detail_crop: float = 0.5
+    #: Stride of the overlapping detail windows of multi-resolution inference (pseudo-labels and test), as
+    #: a fraction of the detail crop (paper: 0.5; 1.0: windows that do not overlap).
+    detail_stride: float = 0.5
+    #: lambda_d, the weight of the detail cross-entropy; the fused one gets 1 - lambda_d.
+    detail_loss_weight: float = 0.1
+    #: One attention map per class (paper) or one map shared by all classes.
+    attention_classwise: bool = True
+    #: Channels of the scale attention head; null: those of the decode head.
+    attention_embed_dim: int | None = None
+    #: Stride of the test-time sliding windows (each the size of the training crop) as a fraction of the
+    #: crop (paper: 512 of 1024).
+    test_stride: float = 0.5
+
+    def __post_init__(self):
+        fractions = {
+            "context_scale": self.context_scale,
+            "detail_crop": self.detail_crop,
+            "detail_stride": self.detail_stride,
+            "test_stride": self.test_stride,
+        }
+        for key, value in fractions.items():
+            if not 0 < value <= 1:
+                raise ConfigError(f"methods.hrda.{key} must be in (0, 1], got {value}")
+        if not 0 <= self.detail_loss_weight <= 1:
+            raise ConfigError(f"methods.hrda.detail_loss_weight must be in [0, 1], got {self.detail_loss_weight}")
+        if self.resolution_scale <= 0:
+            raise ConfigError(f"methods.hrda.resolution_scale must be > 0, got {self.resolution_scale}")
+        if self.attention_embed_dim is not None and self.attention_embed_dim < 1:
+            raise ConfigError(f"methods.hrda.attention_embed_dim must be >= 1, got {self.attention_embed_dim}")
+
+
+@dataclass(frozen=True)
+class DetailBox:
+    """Where the detail crop lies in the training crop, in input pixels."""
+
+    top: int
+    left: int
+    height: int
+    width: int
+
+    @property
+    def bottom(self) -> int:
+        return self.top + self.height
+
+    @property
+    def right(self) -> int:
+        return self.left + self.width
+
+    def crop(self, tensor: Tensor) -> Tensor:
+        """(..., H, W) -> (..., height, width)."""
+        return tensor[..., self.top : self.bottom, self.left : self.right]
+
+    def on_grid(self, stride: int) -> tuple[slice, slice]:
+        """The box on a grid of cells of ``stride`` input pixels (its corners are multiples of it)."""
+        return slice(self.top // stride, self.bottom // stride), slice(self.left // stride, self.right // stride)
+
+
+def random_detail_box(
+    height: int, width: int, size: tuple[int, int], alignment: int, generator: torch.Generator
+) -> DetailBox:
+    """A detail crop of ``size`` uniformly among the positions in a (height, width) crop whose corners
+    are multiples of ``alignment`` (HRDA sec. 3.2), so the box falls on whole cells of the context grid."""
+    top = alignment * int(torch.randint((height - size[0]) // alignment + 1, (), generator=generator))
+    left = alignment * int(torch.randint((width - size[1]) // alignment + 1, (), generator=generator))
+    return DetailBox(top, left, *size)
+
+
+@dataclass
+class TrainingPrediction:
+    """What one multi-resolution training forward computes (shapes for a (B, 3, H, W) crop, output
+    stride o, context grid stride k = o / s).
+
+    fused: (B, C, H/o, W/o) y_F; detail: (B, C, h_d/o, w_d/o) y_d; attention: (B, C or 1, H/k, W/k) a_c',
+    zero outside the detail box; context_features: the encoder levels of the context view.
+    """
+
+    fused: Tensor
+    detail: Tensor
+    attention: Tensor
+    context_features: list[Tensor]
+
+
+class HRDASegmentor(Segmentor):
+    """A segmentor (its encoder and decode head, shared by both views) plus HRDA's scale attention head.
+
+    ``forward(x)`` is HRDA's multi-resolution inference on a crop x (B, 3, H, W) -> fused logits
+    (B, C, H/o, W/o): the context view x downscaled by ``context_scale``, the detail prediction
+    assembled from overlapping windows of ``detail_crop`` x (H, W) at full resolution (stride
+    ``detail_stride`` of a window, logits averaged where windows overlap), fused by the unmasked scale
+    attention (sec. 3.3-3.4). ``forward_crops`` is the training forward with one detail box. Crop sides
+    must be multiples of ``alignment`` = o / s (8 for o = 4, s = 0.5). ``forward_features`` and ``head``
+    are the wrapped segmentor's single-scale ones.
+    """
+
+    def __init__(
+        self,
+        segmentor: Segmentor,
+        context_scale: float = 0.5,
+        detail_crop: float = 0.5,
+        detail_stride: float = 0.5,
+        attention_classwise: bool = True,
+        attention_embed_dim: int | None = None,
+    ):
+        super().__init__(segmentor.encoder, segmentor.head, segmentor.levels)
+        self.context_scale = context_scale
+        self.detail_crop = detail_crop
+        self.detail_stride = detail_stride
+        self.output_stride = self.reductions[0]
+        alignment = self.output_stride / context_scale
+        if abs(alignment - round(alignment)) > 1e-6:
+            raise ValueError(
+                f"context_scale {context_scale} must divide the output stride {self.output_stride} into a whole "
+                "number of input pixels, so that the detail crop aligns with the context prediction grid"
+            )
+        self.alignment = round(alignment)
+        num_classes = self.head.num_classes
+        self.attention = SegFormerHead(
+            self.channels,
+            num_classes if attention_classwise else 1,
+            embed_dim=attention_embed_dim or self.head.embed_dim,
+        )
+
+    # ---- building blocks ---------------------------------------------------------------------
+
+    def context_view(self, images: Tensor) -> Tensor:
+        """x_c: (B, 3, H, W) -> (B, 3, H s, W s), bilinear."""
+        height, width = images.shape[-2:]
+        size = (round(height * self.context_scale), round(width * self.context_scale))
+        return F.interpolate(images, size=size, mode="bilinear", align_corners=False)
+
+    def scale_attention(self, context_features: list[Tensor]) -> Tensor:
+        """a_c = sigmoid(h_a(f(x_c))): (B, C or 1, h, w) in [0, 1] on the context prediction grid."""
+        return torch.sigmoid(self.attention(context_features))
+
+    def detail_window(self, height: int, width: int) -> tuple[int, int]:
+        """Size of the detail crop of a (height, width) crop, on the alignment grid."""
+        k = self.alignment
+        return tuple(max(k, round(self.detail_crop * side / k) * k) for side in (height, width))
+
+    @staticmethod
+    def fuse(context_logits: Tensor, attention: Tensor, detail_logits: Tensor) -> Tensor:
+        """y_F = zeta((1 - a) * y_c, 1/s) + zeta(a, 1/s) * y_d (sec. 3.3), zeta bilinear.
+
+        context_logits: (B, C, h, w); attention: (B, C or 1, h, w); detail_logits: (B, C, H', W') on the
+        finer grid covering the same field of view -> (B, C, H', W').
+        """
+        size = detail_logits.shape[-2:]
+        context = F.interpolate((1 - attention) * context_logits, size=size, mode="bilinear", align_corners=False)
+        attention = F.interpolate(attention, size=size, mode="bilinear", align_corners=False)
+        return attention * detail_logits + context
+
+    def _check_crop(self, images: Tensor) -> None:
+        height, width = images.shape[-2:]
+        if height % self.alignment or width % self.alignment:
+            raise ValueError(
+                f"HRDA needs crop sides that are multiples of {self.alignment} (output stride "
+                f"{self.output_stride} / context scale {self.context_scale}), got {height}x{width}"
+            )
+
+    def _logits(self, images: Tensor) -> tuple[Tensor, list[Tensor]]:
+        features = self.forward_features(images)
+        logits = self.head(features)
+        expected = (images.shape[-2] // self.output_stride, images.shape[-1] // self.output_stride)
+        if tuple(logits.shape[-2:]) != expected:
+            raise ValueError(
+                f"decode head gave a {tuple(logits.shape[-2:])} grid for a {tuple(images.shape[-2:])} input, "
+                f"expected {expected} (output stride {self.output_stride})"
+            )
+        return logits, features
+
+    # ---- training and inference --------------------------------------------------------------
+
+    def forward_crops(self, images: Tensor, box: DetailBox) -> TrainingPrediction:
+        """The training forward: context view of the whole crop, detail view of ``box``, attention masked
+        outside the box. images: (B, 3, H, W)."""
+        self._check_crop(images)
+        height, width = images.shape[-2:]
+        context_logits, context_features = self._logits(self.context_view(images))
+        attention = self.scale_attention(context_features)
+        detail_logits, _ = self._logits(box.crop(images))
+        mask = attention.new_zeros((1, 1, *attention.shape[-2:]))
+        rows, columns = box.on_grid(self.alignment)
+        mask[:, :, rows, columns] = 1
+        attention = attention * mask
+        o = self.output_stride
+        margins = (box.left // o, (width - box.right) // o, box.top // o, (height - box.bottom) // o)
+        placed = F.pad(detail_logits, margins)
+        fused = self.fuse(context_logits, attention, placed)
+        return TrainingPrediction(fused, detail_logits, attention, context_features)
+
+    def detail_sliding(self, images: Tensor) -> Tensor:
+        """Detail prediction of a whole crop from overlapping detail windows, all windows in one batch;
+        logits are averaged where windows overlap (sec. 3.4). (B, 3, H, W) -> (B, C, H/o, W/o)."""
+        self._check_crop(images)
+        batch, _, height, width = images.shape
+        o = self.output_stride
+        window = self.detail_window(height, width)
+        stride = tuple(max(o, round(self.detail_stride * side / o) * o) for side in window)
+        origins = [
+            (top, left)
+            for top in window_starts(height, window[0], stride[0])
+            for left in window_starts(width, window[1], stride[1])
+        ]
+        crops = torch.cat([images[:, :, top : top + window[0], left : left + window[1]] for top, left in origins])
+        logits, _ = self._logits(crops)
+        summed = logits.new_zeros((batch, logits.shape[1], height // o, width // o))
+        count = logits.new_zeros((1, 1, height // o, width // o))
+        for index, (top, left) in enumerate(origins):
+            box = DetailBox(top, left, *window)
+            rows, columns = box.on_grid(o)
+            summed[:, :, rows, columns] += logits[index * batch : (index + 1) * batch]
+            count[:, :, rows, columns] += 1
+        return summed / count
+
+    def forward(self, images: Tensor) -> Tensor:
+        """Multi-resolution inference: (B, 3, H, W) -> fused logits (B, C, H/o, W/o)."""
+        self._check_crop(images)
+        context_logits, context_features = self._logits(self.context_view(images))
+        return self.fuse(context_logits, self.scale_attention(context_features), self.detail_sliding(images))
+
+
+@dataclass
+class DetailPrediction:
+    """The detail view of the latest ``HRDA.forward_train``: logits (B, C, h_d/o, w_d/o) and its box."""
+
+    logits: Tensor
+    box: DetailBox
+
+
+@register
+class HRDA(DAFormer):
+    """DAFormer's self-training with HRDA's multi-resolution predictions and losses (module docstring).
+
+    ``self.model`` is an ``HRDASegmentor`` wrapping the segmentor the loop builds, so the EMA teacher
+    (whose forward gives the pseudo-labels) and the evaluation run the multi-resolution inference.
+    ``forward_train`` returns the fused logits of the whole crop (B, C, H/o, W/o) and the encoder
+    features of the context view, and keeps the detail prediction in ``last_detail`` for the losses.
+    """
+
+    name = "hrda"
+    Params = HRDAParams
+    search_space = {**DAFormer.search_space, "detail_loss_weight": SearchRange(0.02, 0.5, log=True)}
+
+    def __init__(self, model: Segmentor, params: HRDAParams | None = None, seed: int = 0):
+        params = params if params is not None else self.Params()
+        wrapped = HRDASegmentor(
+            model,
+            context_scale=params.context_scale,
+            detail_crop=params.detail_crop,
+            detail_stride=params.detail_stride,
+            attention_classwise=params.attention_classwise,
+            attention_embed_dim=params.attention_embed_dim,
+        )
+        super().__init__(wrapped, params, seed)
+        self.last_detail: DetailPrediction | None = None
+
+    @classmethod
+    def run_settings(cls, params: HRDAParams, data, evaluation):
+        """The data scales and test inference HRDA trains and tests with, from the benchmark's
+        (``BenchmarkConfig``) and the profile's evaluation settings (``EvalConfig``): every image
+        scale and the crop times ``resolution_scale``, the rare-class crop criterion times its square
+        (pixels per crop), and sliding windows of the crop with stride ``test_stride`` of it."""
+        factor = params.resolution_scale
+
+        def scaled(size: tuple[int, int]) -> tuple[int, int]:
+            return (round(size[0] * factor), round(size[1] * factor))
+
+        crop = scaled(data.crop)
+        data = dataclasses.replace(
+            data,
+            source=dataclasses.replace(data.source, scale=scaled(data.source.scale)),
+            target=dataclasses.replace(data.target, scale=scaled(data.target.scale)),
+            crop=crop,
+            test_scale=scaled(data.test_scale),
+            rcs_min_crop_ratio=data.rcs_min_crop_ratio * factor**2,
+        )
+        stride = (max(1, round(crop[0] * params.test_stride)), max(1, round(crop[1] * params.test_stride)))
+        return data, dataclasses.replace(evaluation, mode="sliding", window=crop, stride=stride)
+
+    # ---- DAFormer's hooks --------------------------------------------------------------------
+
+    def forward_train(self, images: Tensor) -> tuple[Tensor, list[Tensor]]:
+        height, width = images.shape[-2:]
+        size = self.model.detail_window(height, width)
+        box = random_detail_box(height, width, size, self.model.alignment, self.generator)
+        prediction = self.model.forward_crops(images, box)
+        self.last_detail = DetailPrediction(prediction.detail, box)
+        return prediction.fused, prediction.context_features
+
+    def multi_resolution_losses(
+        self, prefix: str, fused: Tensor, labels: Tensor, weights: Tensor | None = None
+    ) -> dict[str, Tensor]:
+        """(1 - lambda_d) CE(y_F, y) and lambda_d CE(y_d, y[b_d]) for the latest ``forward_train``.
+
+        fused: (B, C, H/o, W/o); labels, weights: (B, H, W) of the whole crop."""
+        detail = self.last_detail
+        weight = self.params.detail_loss_weight
+        detail_weights = None if weights is None else detail.box.crop(weights)
+        return {
+            f"{prefix}_ce": (1 - weight) * cross_entropy(fused, labels, weights),
+            f"{prefix}_detail_ce": weight * cross_entropy(detail.logits, detail.box.crop(labels), detail_weights),
+        }
+
+    def source_losses(self, source: Batch) -> dict[str, Tensor]:
+        fused, features = self.forward_train(source.image)
+        losses = self.multi_resolution_losses("source", fused, source.label)
+        if self.reference_encoder is not None:
+            context = self.model.context_view(source.image)
+            losses["feature_distance"] = self.feature_distance_loss(context, source.label, features)
+        return losses
+
+    def mixed_losses(self, images: Tensor, labels: Tensor, weights: Tensor) -> dict[str, Tensor]:
+        fused, _ = self.forward_train(images)
+        losses = self.multi_resolution_losses("mix", fused, labels, weights)
+        return {name: self.params.mix_weight * value for name, value in losses.items()}
