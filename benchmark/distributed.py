@@ -31,8 +31,8 @@ from __future__ import annotations
 
 import itertools
 import os
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator
 
 import numpy as np
 import torch

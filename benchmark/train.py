@@ -52,7 +52,7 @@ from benchmark.data import Augment, InfiniteSampler, RareClassSampler, Segmentat
 from benchmark.distributed import BatchShare, World, process_seed
 from benchmark.formats import DatasetFormatError, write_bytes_atomic
 from benchmark.metrics import evaluate, protocol_mious
-from benchmark.models import build_segmentor
+from benchmark.models import build_segmentor, classifier_state_keys, load_encoder_weights
 from benchmark.profiles import RunConfig, check_files, method_params, resolve
 from methods import Batch, method_class
 
@@ -85,8 +85,21 @@ def _loader(dataset, sampler, batch_size: int, workers: int) -> DataLoader:
     )
 
 
-def _eval_loader(run: RunConfig, split: str, world: World) -> DataLoader:
+def _batches(dataset, sampler, settings, start_step: int, world: World):
+    """This process's share of every step's batch, from ``start_step`` on (``BatchShare``)."""
+    batch_size = settings.optim.batch_size
+    share = BatchShare(sampler, batch_size, world.rank, world.size, skip_steps=start_step)
+    return iter(_loader(dataset, share, batch_size // world.size, settings.workers))
+
+
+def _on_device(samples: dict, device: torch.device) -> Batch:
+    label = samples.get("label")
+    return Batch(samples["image"].to(device), None if label is None else label.to(device))
+
+
+def _eval_loader(run: RunConfig, split: str, world: World | None = None) -> DataLoader:
     """The split's images; with several processes, every ``world.size``-th image from ``world.rank``."""
+    world = world or World()
     dataset = SegmentationDataset(
         run.data.target.root, split, eval_scale=run.data.test_scale, cache=run.data.cache
     )
@@ -95,23 +108,25 @@ def _eval_loader(run: RunConfig, split: str, world: World) -> DataLoader:
     return DataLoader(dataset, batch_size=run.settings.eval.batch_size, num_workers=run.settings.workers)
 
 
-def _evaluate(model, loader, run: RunConfig, world: World):
+def _evaluate(model, loader, run: RunConfig, world: World | None = None):
     """The confusion matrix over the whole split (each process's share, summed: exact counts)."""
     settings = run.settings.eval
     confusion = evaluate(model, loader, NUM_CLASSES, mode=settings.mode, window=settings.window, stride=settings.stride)
-    world.sum_(confusion.matrix)
+    (world or World()).sum_(confusion.matrix)
     return confusion
 
 
 def build_model(run: RunConfig) -> torch.nn.Module:
+    """The run's segmentor, its encoder loaded from ``model.pretrained`` when set; a weights file
+    that does not fit is a ``ConfigError`` naming the key."""
     model_config = run.settings.model
-    return build_segmentor(
-        model_config.encoder,
-        model_config.head,
-        NUM_CLASSES,
-        model_config.embed_dim,
-        pretrained_path=model_config.pretrained,
-    )
+    model = build_segmentor(model_config.encoder, model_config.head, NUM_CLASSES, model_config.embed_dim)
+    if model_config.pretrained is not None:
+        try:
+            load_encoder_weights(model.encoder, model_config.pretrained, model_keys=classifier_state_keys(model_config.encoder))
+        except (OSError, ValueError) as error:
+            raise ConfigError(f"profiles.{run.profile}.model.pretrained: {error}") from None
+    return model
 
 
 def split_hashes(run: RunConfig) -> dict[str, str]:
@@ -260,15 +275,10 @@ def _train_steps(
         # start continues exactly as one that loaded it from the cache
         torch.manual_seed(process_seed(run.seed, world.rank))
     world.broadcast_state(method)
-    batch_size = settings.optim.batch_size
     # creating a loader's iterator draws its base seed from the global generator: create them before
     # a resumed run puts the generators back where the checkpoint found them
-    source_batches = iter(
-        _loader(source, BatchShare(source_sampler, batch_size, world.rank, world.size, start_step), batch_size // world.size, settings.workers)
-    )
-    target_batches = iter(
-        _loader(target, BatchShare(target_sampler, batch_size, world.rank, world.size, start_step), batch_size // world.size, settings.workers)
-    )
+    source_batches = _batches(source, source_sampler, settings, start_step, world)
+    target_batches = _batches(target, target_sampler, settings, start_step, world)
     if resume is not None:
         checkpoints.set_rng_state(resume["rng"][world.rank], method.generator, world.device)
 
@@ -285,13 +295,9 @@ def _train_steps(
         lr = learning_rate(step, settings.optim.lr, warmup, steps, settings.optim.poly_power)
         for group in optimizer.param_groups:
             group["lr"] = lr * group["lr_mult"]
-        source_batch, target_batch = next(source_batches), next(target_batches)
-        target_label = target_batch.get("label")
-        losses = method.step(
-            Batch(source_batch["image"].to(world.device), source_batch["label"].to(world.device)),
-            Batch(target_batch["image"].to(world.device), None if target_label is None else target_label.to(world.device)),
-            step,
-        )
+        source_batch = _on_device(next(source_batches), world.device)
+        target_batch = _on_device(next(target_batches), world.device)
+        losses = method.step(source_batch, target_batch, step)
         terms = world.mean(torch.stack([value.detach().float() for value in losses.values()]))
         if not torch.isfinite(terms).all():
             bad = [name for name, value in zip(losses, terms) if not torch.isfinite(value)]
@@ -326,7 +332,7 @@ def _train_steps(
             rng = world.gather(checkpoints.rng_state(method.generator, world.device))
             if world.is_main:
                 if live is not None:
-                    live.make_summary()
+                    live.make_summary()  # the log's summary file travels with the checkpoint too
                 checkpoints.save(
                     checkpoint,
                     fingerprint=fingerprint,

@@ -204,3 +204,82 @@ def test_log_snapshot_round_trips_and_drops_later_lines(tmp_path):
     (live / "plots/metrics/train/late.tsv").write_text("step\tlate\n2\t1\n")
     checkpoints.write_log(live, snapshot)
     assert checkpoints.read_log(live) == {"plots/metrics/train/lr.tsv": "step\tlr\n0\t0.1\n1\t0.2\n"}
+
+
+def test_pretrained_weights_holding_objects_are_refused_with_the_key_named(data_root, tmp_path, capsys):
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(tiny_params(data_root)))
+    weights = tmp_path / "weights.pth"
+    torch.save({"state_dict": nn.Linear(3, 2).state_dict(), "trainer": Foreign()}, weights)
+    code = train.main(
+        ["--params", str(params), "--benchmark", "mini-gta2cs", "--method", "source_only", "--out", str(tmp_path / "run"),
+         "--no-progress", "--set", "warm_start.steps=0", f"model.pretrained={weights}"]
+    )  # fmt: skip
+    assert code == 2
+    assert f"train.py: error: profiles.tiny.model.pretrained: {weights}: refused: it holds Python objects" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "metrics.json").exists()
+
+
+def _method_and_optimizer(name: str):
+    from benchmark.classes import NUM_CLASSES
+    from benchmark.models import build_segmentor
+    from methods.base import method_class
+
+    torch.manual_seed(0)
+    method = method_class(name)(build_segmentor("efficientvit_b0", "daformer", NUM_CLASSES, 16), seed=0)
+    method.train()
+    return method, torch.optim.AdamW(method.trainable_parameters(), lr=1e-3)
+
+
+def _advance(method, optimizer, step: int) -> dict:
+    """One training step as the loop takes it, on fixed random batches."""
+    from benchmark.classes import NUM_CLASSES
+    from methods.base import Batch
+
+    generator = torch.Generator().manual_seed(step)
+    images = torch.randn(4, 3, 64, 64, generator=generator)
+    labels = torch.randint(0, NUM_CLASSES, (4, 64, 64), generator=generator)
+    labels[:, :4] = 255
+    target_labels = labels[2:] if method.uses_target_labels else None
+    losses = method.step(Batch(images[:2], labels[:2]), Batch(images[2:], target_labels), step)
+    optimizer.zero_grad(set_to_none=True)
+    sum(losses.values()).backward()
+    optimizer.step()
+    if method.teacher is not None:
+        method.teacher.update(method.model, step)
+    return {name: value.detach() for name, value in losses.items()}
+
+
+def _registered():
+    from methods.base import registered
+
+    return registered()
+
+
+@pytest.mark.parametrize("name", _registered())
+def test_every_method_continues_identically_from_what_a_checkpoint_saves(name, tmp_path):
+    """A checkpoint saves a method's ``state_dict``, its generator and the global generators: a method
+    keeping state anywhere else (a running statistic in a plain attribute, a memory bank in a Python
+    list) would resume differently, and fails here."""
+    original, original_optimizer = _method_and_optimizer(name)
+    restored, restored_optimizer = _method_and_optimizer(name)
+    for step in range(2):
+        _advance(original, original_optimizer, step)
+    path = tmp_path / "state.pt"
+    rng = checkpoints.rng_state(original.generator, torch.device("cpu"))
+    path.write_bytes(
+        checkpoints.to_bytes(
+            {"kind": checkpoints.KIND, "method": original.state_dict(), "optimizer": original_optimizer.state_dict(), "rng": rng}
+        )
+    )
+    expected = _advance(original, original_optimizer, 2)
+
+    state = checkpoints.load_trusted(path)
+    checkpoints.restore({**state, "step": 2}, restored, restored_optimizer)
+    checkpoints.set_rng_state(state["rng"], restored.generator, torch.device("cpu"))
+    actual = _advance(restored, restored_optimizer, 2)
+    assert actual.keys() == expected.keys()
+    for key in expected:
+        assert torch.equal(actual[key], expected[key]), f"{name}: {key} differs after a checkpoint round trip"
+    for (key, a), b in zip(original.state_dict().items(), restored.state_dict().values()):
+        assert torch.equal(a, b), f"{name}: {key} differs after a checkpoint round trip"
