@@ -39,6 +39,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from benchmark.config import ConfigError
+
 
 def default_device(local_rank: int = 0) -> torch.device:
     return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
@@ -160,6 +162,12 @@ def start() -> World:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = default_device(local_rank)
     if device.type == "cuda":
+        visible = torch.cuda.device_count()
+        if local_rank >= visible:
+            raise ConfigError(
+                f"process {local_rank} of this node has no GPU of its own ({visible} visible): start at most "
+                f"{visible} processes per node (or hide the GPUs, CUDA_VISIBLE_DEVICES=, to train on the CPU)"
+            )
         torch.cuda.set_device(device)
     dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     return World(dist.get_rank(), dist.get_world_size(), device)

@@ -21,6 +21,9 @@ REAL_FORMAT = SHARED / "fixtures" / "real_format"
 # this process with one in a child process needs both on the same count.
 os.environ["OMP_NUM_THREADS"] = "1"
 torch.set_num_threads(1)
+# The tests run on the CPU even where a GPU is visible: runs they compare must share a device, and
+# the torchrun test starts more processes than a one-GPU machine has GPUs.
+os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
 
 @pytest.fixture
