@@ -93,7 +93,7 @@ def from_mapping(cls: type, data: Mapping[str, Any] | None, where: str = "") -> 
         values[name] = _coerce(value, hints[name], f"{where}.{name}" if where else name)
     try:
         return cls(**values)
-    except TypeError as error:
+    except (TypeError, ValueError) as error:  # missing fields, or a value a __post_init__ refuses
         raise ConfigError(f"{where or cls.__name__}: {error}") from error
 
 

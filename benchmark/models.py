@@ -14,6 +14,7 @@ weights are read only from local files (``load_encoder_weights``); nothing is do
 from __future__ import annotations
 
 import logging
+import pickle
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -241,7 +242,13 @@ def _read_state_dict(path: Path) -> dict[str, Tensor]:
 
         state = load_file(str(path), device="cpu")
     else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:
+            raise ValueError(
+                f"{path}: refused: it holds Python objects besides tensors and plain containers, which are never "
+                "loaded (unpickling them could run code); save the state dict alone"
+            ) from None
     # Training checkpoints nest the weights; plain state dicts map names to tensors directly.
     for key in ("state_dict", "model"):
         if isinstance(state, Mapping) and isinstance(state.get(key), Mapping):

@@ -10,13 +10,17 @@ checks everything it can before any data is read.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import timm
+
 from benchmark.config import ConfigError, apply_overrides, from_mapping, load_yaml
 from benchmark.formats import FAMILIES
 from benchmark.metrics import PROTOCOLS
+from benchmark.models import HEADS
 
 
 @dataclass
@@ -122,25 +126,107 @@ def _check(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
-def _validate(run: RunConfig) -> None:
+def _positive_pair(value: tuple[int, int] | None, key: str) -> None:
+    if value is not None:
+        _check(value[0] > 0 and value[1] > 0, f"{key}: expected two positive sizes (height, width), got {list(value)}")
+
+
+#: Classes the SYNTHIA source does not have: a 19-class protocol would count them as IoU 0.
+_SYNTHIA_MISSING = "terrain, truck and train"
+
+
+def _validate(run: RunConfig, processes: int = 1) -> None:
     data, settings = run.data, run.settings
-    _check(run.data.protocol in PROTOCOLS, f"benchmarks.{run.benchmark}.protocol: {data.protocol!r} is not one of {sorted(PROTOCOLS)}")
+    where = f"benchmarks.{run.benchmark}"
+    _check(run.data.protocol in PROTOCOLS, f"{where}.protocol: {data.protocol!r} is not one of {sorted(PROTOCOLS)}")
     for side in ("source", "target"):
         family = getattr(data, side).family
-        _check(family in FAMILIES, f"benchmarks.{run.benchmark}.{side}.family: {family!r} is not one of {list(FAMILIES)}")
-    _check(data.target.family == "cityscapes", f"benchmarks.{run.benchmark}.target.family must be cityscapes")
+        _check(family in FAMILIES, f"{where}.{side}.family: {family!r} is not one of {list(FAMILIES)}")
+    _check(data.target.family == "cityscapes", f"{where}.target.family must be cityscapes, got {data.target.family!r}")
+    _check(
+        not (data.source.family == "synthia" and data.protocol == "gta2cs"),
+        f"{where}.protocol: gta2cs (mIoU19) needs all 19 classes, but a synthia source has no {_SYNTHIA_MISSING}; "
+        "use protocol synthia2cs",
+    )
+    for key, value in (("crop", data.crop), ("test_scale", data.test_scale), ("source.scale", data.source.scale), ("target.scale", data.target.scale)):
+        _positive_pair(value, f"{where}.{key}")
     for side in ("source", "target"):
         scale = getattr(data, side).scale
         _check(
             data.crop[0] <= scale[0] and data.crop[1] <= scale[1],
-            f"benchmarks.{run.benchmark}.crop {list(data.crop)} is larger than {side}.scale {list(scale)}",
+            f"{where}.crop {list(data.crop)} is larger than {side}.scale {list(scale)}",
         )
-    _check(settings.eval.mode in ("whole", "sliding"), f"eval.mode: {settings.eval.mode!r} is not whole or sliding")
-    if settings.eval.mode == "sliding":
-        _check(settings.eval.window is not None and settings.eval.stride is not None, "eval.mode sliding needs eval.window and eval.stride")
-    _check(settings.optim.steps > 0, f"optim.steps must be > 0, got {settings.optim.steps}")
-    _check(settings.optim.batch_size > 0, f"optim.batch_size must be > 0, got {settings.optim.batch_size}")
+    _check(data.rcs_min_pixels >= 0, f"{where}.rcs_min_pixels must be >= 0, got {data.rcs_min_pixels}")
+    _check(0.0 <= data.rcs_min_crop_ratio <= 1.0, f"{where}.rcs_min_crop_ratio must be in [0, 1], got {data.rcs_min_crop_ratio}")
+
+    prefix = f"profiles.{run.profile}"
+    model = settings.model
+    _check(model.head in HEADS, f"{prefix}.model.head: {model.head!r} is not one of {sorted(HEADS)}")
+    if not timm.is_model(model.encoder):
+        close = difflib.get_close_matches(model.encoder, timm.list_models(), n=3)
+        hint = f"; close names: {', '.join(close)}" if close else ""
+        raise ConfigError(f"{prefix}.model.encoder: {model.encoder!r} is not a timm model (see timm.list_models()){hint}")
+    _check(model.embed_dim > 0, f"{prefix}.model.embed_dim must be > 0, got {model.embed_dim}")
+
+    optim = settings.optim
+    _check(optim.steps > 0, f"{prefix}.optim.steps must be > 0, got {optim.steps}")
+    _check(optim.batch_size > 0, f"{prefix}.optim.batch_size must be > 0, got {optim.batch_size}")
+    _check(optim.lr > 0, f"{prefix}.optim.lr must be > 0, got {optim.lr}")
+    _check(optim.head_lr_mult > 0, f"{prefix}.optim.head_lr_mult must be > 0, got {optim.head_lr_mult}")
+    _check(optim.weight_decay >= 0, f"{prefix}.optim.weight_decay must be >= 0, got {optim.weight_decay}")
+    _check(optim.warmup_steps >= 0, f"{prefix}.optim.warmup_steps must be >= 0, got {optim.warmup_steps}")
+    _check(optim.poly_power >= 0, f"{prefix}.optim.poly_power must be >= 0, got {optim.poly_power}")
+    _check(
+        optim.batch_size % processes == 0,
+        f"{prefix}.optim.batch_size: {optim.batch_size} images per step (all processes together) do not split "
+        f"over {processes} processes; use a multiple of {processes}",
+    )
+
+    evaluation = settings.eval
+    _check(evaluation.mode in ("whole", "sliding"), f"{prefix}.eval.mode: {evaluation.mode!r} is not whole or sliding")
+    if evaluation.mode == "sliding":
+        _check(
+            evaluation.window is not None and evaluation.stride is not None,
+            f"{prefix}.eval.mode sliding needs eval.window and eval.stride",
+        )
+    _positive_pair(evaluation.window, f"{prefix}.eval.window")
+    _positive_pair(evaluation.stride, f"{prefix}.eval.stride")
+    _check(evaluation.batch_size > 0, f"{prefix}.eval.batch_size must be > 0, got {evaluation.batch_size}")
+    _check(evaluation.interval >= 0, f"{prefix}.eval.interval must be >= 0 (0: at the end only), got {evaluation.interval}")
+
+    warm = settings.warm_start
+    _check(warm.steps >= 0, f"{prefix}.warm_start.steps must be >= 0, got {warm.steps}")
+    if warm.steps > 0:
+        _check(warm.lr > 0, f"{prefix}.warm_start.lr must be > 0, got {warm.lr}")
+        _check(warm.warmup_steps >= 0, f"{prefix}.warm_start.warmup_steps must be >= 0, got {warm.warmup_steps}")
+    _check(settings.checkpoint_interval >= 0, f"{prefix}.checkpoint_interval must be >= 0 (0: never), got {settings.checkpoint_interval}")
+    _check(settings.log_interval > 0, f"{prefix}.log_interval must be > 0, got {settings.log_interval}")
+    _check(settings.workers >= 0, f"{prefix}.workers must be >= 0, got {settings.workers}")
     _check(run.seed >= 0, f"seed must be >= 0, got {run.seed}")
+    _check(processes >= 1, f"the number of processes must be >= 1, got {processes}")
+
+
+def _method_class(name: str, where: str | None = None):
+    """The registered class of ``name``; an unknown name or an unsupported combination of a base
+    and add-ons is a ``ConfigError`` carrying the registry's message (with the allowed names)."""
+    from methods import method_class
+
+    try:
+        return method_class(name)
+    except KeyError as error:
+        message = error.args[0] if error.args else f"unknown method {name!r}"
+        raise ConfigError(f"{where}: {message}" if where else str(message)) from None
+
+
+def check_files(run: RunConfig) -> None:
+    """Files the configuration names must exist (checked before any data is read)."""
+    pretrained = run.settings.model.pretrained
+    if pretrained is not None:
+        _check(
+            Path(pretrained).is_file(),
+            f"profiles.{run.profile}.model.pretrained: {pretrained} does not exist (ImageNet weights are a local "
+            "file you provide; nothing is downloaded; null trains from scratch)",
+        )
 
 
 def resolve(
@@ -150,44 +236,48 @@ def resolve(
     seed: int,
     profile: str | None = None,
     overrides: list[str] | None = None,
+    processes: int = 1,
 ) -> RunConfig:
     """One run's configuration from ``params.yaml`` content; raises ``ConfigError`` naming the key.
 
     Overrides are dotted keys relative to the run: ``optim.steps=100``, ``model.embed_dim=32``,
-    ``data.crop=[64,64]`` (the benchmark's section) and ``method.mix_weight=0.5``.
+    ``data.crop=[64,64]`` (the benchmark's section) and ``method.mix_weight=0.5``. ``processes``: how
+    many processes share the run's steps (``torchrun``); the batch must split evenly over them.
     """
-    from methods import method_class
-
     document = params if isinstance(params, dict) else load_yaml(params)
     profile = profile or document.get("profile", "embedded")
-    profiles = document.get("profiles", {})
-    benchmarks = document.get("benchmarks", {})
+    profiles = document.get("profiles") or {}
+    benchmarks = document.get("benchmarks") or {}
+    method_sections = document.get("methods") or {}
+    for section, value in (("profiles", profiles), ("benchmarks", benchmarks), ("methods", method_sections)):
+        _check(isinstance(value, dict), f"{section}: expected a mapping, got {value!r}")
     _check(profile in profiles, f"unknown profile {profile!r}; profiles in params.yaml: {', '.join(sorted(profiles))}")
     _check(benchmark in benchmarks, f"unknown benchmark {benchmark!r}; benchmarks: {', '.join(sorted(benchmarks))}")
-    try:
-        method_cls = method_class(method)
-    except KeyError as error:
-        raise ConfigError(error.args[0]) from None
+    method_cls = _method_class(method)
+    for name in method_sections:
+        _method_class(name, where=f"methods.{name} in the parameter file")
     tree = {
         **profiles[profile],
         "data": benchmarks[benchmark],
-        "method": (document.get("methods") or {}).get(method, {}) or {},
+        "method": method_sections.get(method, {}) or {},
     }
     tree = apply_overrides(tree, overrides or [])
     method_params = tree.pop("method")
     data = from_mapping(BenchmarkConfig, tree.pop("data"), f"benchmarks.{benchmark}")
     settings = from_mapping(ProfileConfig, tree, f"profiles.{profile}")
-    from_mapping(method_cls.Params, method_params, f"methods.{method}")  # validate now, build later
+    typed = from_mapping(method_cls.Params, method_params, f"methods.{method}")  # validate now, build later
+    _check(
+        not typed.rare_class_sampling or typed.rcs_temperature > 0,
+        f"methods.{method}.rcs_temperature must be > 0 with rare_class_sampling, got {typed.rcs_temperature}",
+    )
     run = RunConfig(benchmark, method, seed, profile, settings, data, dict(method_params))
-    _validate(run)
+    _validate(run, processes)
     return run
 
 
 def method_params(run: RunConfig):
     """The run's method hyperparameters as the method's own typed ``Params``."""
-    from methods import method_class
-
-    return from_mapping(method_class(run.method).Params, run.method_params, f"methods.{run.method}")
+    return from_mapping(_method_class(run.method).Params, run.method_params, f"methods.{run.method}")
 
 
 def replace(run: RunConfig, **changes) -> RunConfig:

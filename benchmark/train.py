@@ -3,13 +3,21 @@
     python benchmark/train.py --benchmark mini-gta2cs --method daformer --seed 0
     python benchmark/train.py --benchmark mini-gta2cs --method daformer --seed 0 --set optim.steps=200 method.mix_weight=0.5
     python benchmark/train.py --benchmark mini-gta2cs --method daformer --seed 0 --tuned   # weights from benchmark/tune.py
+    torchrun --nproc-per-node=4 benchmark/train.py --benchmark gta2cs --method daformer --seed 0 --profile paper
 
 The loop reads top to bottom: build data, model and method; for each step draw a source and a target
 batch, let the method compute its named losses, sum them, backward, step the optimiser at the
 learning rate of ``learning_rate(step)`` (a pure function of the step), update the EMA teacher, log.
 Target ``select`` is evaluated every ``eval.interval`` steps (the curve), target ``test`` once at the
 end (the leaderboard). The run record ``metrics.json`` is written last and atomically: a failed run
-leaves none.
+(a non-finite loss stops it, naming the method, the step and the loss term) leaves none.
+
+Every ``checkpoint_interval`` steps the whole training state is saved (``benchmark/checkpoint.py``,
+outside the run folder by default: ``results/checkpoints/B/M/seedS/``, which ``dvc repro`` does not
+delete). The same command started again after a kill, SIGKILL included, continues from it and writes
+the record an uninterrupted run would have written; a checkpoint of another configuration, data or
+code is not resumed (the run starts fresh and says so). Under ``torchrun`` the processes share every
+step's batch (``benchmark/distributed.py``); process 0 logs and writes.
 
 With ``warm_start.steps > 0`` (the embedded profile) every method starts from one source-only model
 per benchmark and seed, trained once and cached under ``results/warm_start/``: the embedded stand-in
@@ -19,6 +27,7 @@ for the ImageNet weights that every method shares at paper scale.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import math
@@ -36,13 +45,17 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from benchmark import checkpoint as checkpoints
+from benchmark import distributed
+from benchmark.checkpoint import CheckpointError
 from benchmark.classes import CLASSES, NUM_CLASSES
 from benchmark.config import ConfigError, to_mapping
 from benchmark.data import Augment, InfiniteSampler, RareClassSampler, SegmentationDataset
+from benchmark.distributed import BatchShare, World, process_seed
 from benchmark.formats import DatasetFormatError, write_bytes_atomic
 from benchmark.metrics import evaluate, protocol_mious
-from benchmark.models import build_segmentor
-from benchmark.profiles import RunConfig, method_params, resolve
+from benchmark.models import build_segmentor, classifier_state_keys, load_encoder_weights
+from benchmark.profiles import RunConfig, check_files, method_params, resolve
 from methods import Batch, method_class
 
 REPO = Path(__file__).resolve().parents[1]
@@ -63,11 +76,6 @@ def learning_rate(step: int, base_lr: float, warmup_steps: int, total_steps: int
     return base_lr * decay
 
 
-def _infinite(loader: DataLoader):
-    while True:
-        yield from loader
-
-
 def _loader(dataset, sampler, batch_size: int, workers: int) -> DataLoader:
     return DataLoader(
         dataset,
@@ -79,16 +87,35 @@ def _loader(dataset, sampler, batch_size: int, workers: int) -> DataLoader:
     )
 
 
-def _eval_loader(run: RunConfig, split: str) -> DataLoader:
+def _batches(dataset, sampler, settings, start_step: int, world: World):
+    """This process's share of every step's batch, from ``start_step`` on (``BatchShare``)."""
+    batch_size = settings.optim.batch_size
+    share = BatchShare(sampler, batch_size, world.rank, world.size, skip_steps=start_step)
+    return iter(_loader(dataset, share, batch_size // world.size, settings.workers))
+
+
+def _on_device(samples: dict, device: torch.device) -> Batch:
+    label = samples.get("label")
+    return Batch(samples["image"].to(device), None if label is None else label.to(device))
+
+
+def _eval_loader(run: RunConfig, split: str, world: World | None = None) -> DataLoader:
+    """The split's images; with several processes, every ``world.size``-th image from ``world.rank``."""
+    world = world or World()
     dataset = SegmentationDataset(
         run.data.target.root, split, eval_scale=run.data.test_scale, cache=run.data.cache
     )
+    if world.distributed:
+        dataset = torch.utils.data.Subset(dataset, range(world.rank, len(dataset), world.size))
     return DataLoader(dataset, batch_size=run.settings.eval.batch_size, num_workers=run.settings.workers)
 
 
-def _evaluate(model, loader, run: RunConfig):
+def _evaluate(model, loader, run: RunConfig, world: World | None = None):
+    """The confusion matrix over the whole split (each process's share, summed: exact counts)."""
     settings = run.settings.eval
-    return evaluate(model, loader, NUM_CLASSES, mode=settings.mode, window=settings.window, stride=settings.stride)
+    confusion = evaluate(model, loader, NUM_CLASSES, mode=settings.mode, window=settings.window, stride=settings.stride)
+    (world or World()).sum_(confusion.matrix)
+    return confusion
 
 
 def method_settings(run: RunConfig) -> RunConfig:
@@ -106,14 +133,16 @@ def method_settings(run: RunConfig) -> RunConfig:
 
 
 def build_model(run: RunConfig) -> torch.nn.Module:
+    """The run's segmentor, its encoder loaded from ``model.pretrained`` when set; a weights file
+    that does not fit is a ``ConfigError`` naming the key."""
     model_config = run.settings.model
-    return build_segmentor(
-        model_config.encoder,
-        model_config.head,
-        NUM_CLASSES,
-        model_config.embed_dim,
-        pretrained_path=model_config.pretrained,
-    )
+    model = build_segmentor(model_config.encoder, model_config.head, NUM_CLASSES, model_config.embed_dim)
+    if model_config.pretrained is not None:
+        try:
+            load_encoder_weights(model.encoder, model_config.pretrained, model_keys=classifier_state_keys(model_config.encoder))
+        except (OSError, ValueError) as error:
+            raise ConfigError(f"profiles.{run.profile}.model.pretrained: {error}") from None
+    return model
 
 
 def split_hashes(run: RunConfig) -> dict[str, str]:
@@ -163,29 +192,21 @@ def warm_start_config(run: RunConfig) -> RunConfig:
     return replace(run, method="source_only", settings=settings, method_params={})
 
 
-def ensure_warm_start(run: RunConfig, progress: bool = True, directory: Path = WARM_START_DIR) -> Path:
+def ensure_warm_start(
+    run: RunConfig, progress: bool = True, directory: Path = WARM_START_DIR, world: World | None = None
+) -> Path:
+    """The cached warm start of ``run``, trained first if missing (by this process alone)."""
     path = warm_start_path(run, directory)
     if path.is_file():
         return path
-    state = _train_steps(warm_start_config(run), progress=progress, description="warm start")["model_state"]
-    buffer = _serialise({"kind": "uda-seg-bench warm start", "model": state})
-    write_bytes_atomic(path, buffer)
+    alone = (world or World()).alone()
+    state = _train_steps(warm_start_config(run), progress=progress, description="warm start", world=alone)["model_state"]
+    write_bytes_atomic(path, checkpoints.to_bytes({"kind": checkpoints.WARM_START_KIND, "model": state}))
     return path
 
 
-def _serialise(obj) -> bytes:
-    import io
-
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    return buffer.getvalue()
-
-
 def load_warm_start(model: torch.nn.Module, path: Path) -> None:
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(checkpoint, dict) or checkpoint.get("kind") != "uda-seg-bench warm start":
-        raise DatasetFormatError(f"{path}: not a warm-start checkpoint of this harness")
-    model.load_state_dict(checkpoint["model"])
+    model.load_state_dict(checkpoints.load_trusted(path, checkpoints.WARM_START_KIND)["model"])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -200,14 +221,22 @@ def _train_steps(
     checkpoint: Path | None = None,
     warm_start_dir: Path = WARM_START_DIR,
     on_select: Callable[[int, float], None] | None = None,
+    world: World | None = None,
+    resume: dict | None = None,
+    fingerprint: dict | None = None,
+    started: float | None = None,
 ) -> dict:
-    """Train ``run`` from its initial weights; returns the method and the final model state.
+    """Train ``run`` from its initial weights, or from ``resume`` (a checkpoint's state); returns the
+    method, the final model state and the select curve.
 
-    Every ``checkpoint_interval`` steps the whole training state (method with teacher, optimiser,
-    sampler and generator states) is written atomically to ``checkpoint``. ``on_select(steps_done,
+    Every ``checkpoint_interval`` steps and after the last step the whole training state is written
+    atomically to ``checkpoint`` with ``fingerprint`` (by process 0). ``started``: the
+    ``time.perf_counter()`` reading the run's wall time counts from. ``on_select(steps_done,
     select_miou)`` is called after every select evaluation; tuning reports it to its pruner there, and
     an exception it raises (a pruned trial) ends the run.
     """
+    world = world or World()
+    started = time.perf_counter() if started is None else started
     torch.manual_seed(run.seed)
     method_cls = method_class(run.method)
     params = method_params(run)
@@ -235,14 +264,15 @@ def _train_steps(
     else:
         source_sampler = InfiniteSampler(len(source), int(source_seed))
     target_sampler = InfiniteSampler(len(target), int(target_seed))
-    batch_size = settings.optim.batch_size
-    source_batches = _infinite(_loader(source, source_sampler, batch_size, settings.workers))
-    target_batches = _infinite(_loader(target, target_sampler, batch_size, settings.workers))
 
     model = build_model(run)
-    if settings.warm_start.steps > 0:
-        load_warm_start(model, ensure_warm_start(run, progress, warm_start_dir))
-    method = method_cls(model, params, seed=run.seed)
+    if settings.warm_start.steps > 0 and resume is None:
+        if world.is_main:
+            ensure_warm_start(run, progress, warm_start_dir, world)
+        world.barrier()  # the other processes wait until process 0 has made it
+        load_warm_start(model, warm_start_path(run, warm_start_dir))
+    model = distributed.synchronise_batch_norm(model, world).to(world.device)
+    method = method_cls(model, params, seed=process_seed(run.seed, world.rank)).to(world.device)
     method.train()
     groups = method.parameter_groups()
     head_mult = settings.optim.head_lr_mult
@@ -253,36 +283,56 @@ def _train_steps(
         lr=settings.optim.lr,
         weight_decay=settings.optim.weight_decay,
     )
-    select_loader = _eval_loader(trained, "target_select") if settings.eval.interval > 0 else None
-    # the global generator drives dropout; re-seed it so a run that first had to train its warm start
-    # continues exactly as one that loaded it from the cache
-    torch.manual_seed(run.seed)
+    trained_parameters = [parameter for group in optimizer.param_groups for parameter in group["params"]]
+    select_loader = _eval_loader(trained, "target_select", world) if settings.eval.interval > 0 else None
     steps = settings.optim.steps
+    start_step, select_curve = 0, []
+    if resume is not None:
+        start_step = checkpoints.restore(resume, method, optimizer)
+        select_curve = [tuple(point) for point in resume["select_curve"]]
+    else:
+        # the global generator drives dropout; re-seed it so a run that first had to train its warm
+        # start continues exactly as one that loaded it from the cache
+        torch.manual_seed(process_seed(run.seed, world.rank))
+    world.broadcast_state(method)
+    # creating a loader's iterator draws its base seed from the global generator: create them before
+    # a resumed run puts the generators back where the checkpoint found them
+    source_batches = _batches(source, source_sampler, settings, start_step, world)
+    target_batches = _batches(target, target_sampler, settings, start_step, world)
+    if resume is not None:
+        checkpoints.set_rng_state(resume["rng"][world.rank], method.generator, world.device)
+
     warmup = settings.optim.warmup_steps if params.lr_warmup else 0
-    select_curve: list[tuple[int, float]] = []
-    bar = tqdm(range(steps), desc=f"{description} {run.method} {run.benchmark} seed {run.seed}", disable=None if progress else True, leave=False)
+    bar = tqdm(
+        range(start_step, steps),
+        initial=start_step,
+        total=steps,
+        desc=f"{description} {run.method} {run.benchmark} seed {run.seed}",
+        disable=None if progress and world.is_main else True,
+        leave=False,
+    )
     for step in bar:
         lr = learning_rate(step, settings.optim.lr, warmup, steps, settings.optim.poly_power)
         for group in optimizer.param_groups:
             group["lr"] = lr * group["lr_mult"]
-        source_batch, target_batch = next(source_batches), next(target_batches)
-        losses = method.step(
-            Batch(source_batch["image"], source_batch["label"]),
-            Batch(target_batch["image"], target_batch.get("label")),
-            step,
-        )
-        total = sum(losses.values())
-        if not torch.isfinite(total):
-            bad = [name for name, value in losses.items() if not torch.isfinite(value)]
+        source_batch = _on_device(next(source_batches), world.device)
+        target_batch = _on_device(next(target_batches), world.device)
+        losses = method.step(source_batch, target_batch, step)
+        terms = world.mean(torch.stack([value.detach().float() for value in losses.values()]))
+        if not torch.isfinite(terms).all():
+            bad = [name for name, value in zip(losses, terms) if not torch.isfinite(value)]
             raise FloatingPointError(f"{run.method}: non-finite loss at step {step} in term(s) {', '.join(bad)}")
+        total = sum(losses.values())
         optimizer.zero_grad(set_to_none=True)
         total.backward()
+        world.average_gradients(trained_parameters)
         optimizer.step()
+        world.average_buffers(method)
         if method.teacher is not None:
             method.teacher.update(method.model, step)
 
         if step % settings.log_interval == 0 or step == steps - 1:
-            values = {name: float(value.detach()) for name, value in losses.items()}
+            values = dict(zip(losses, terms.tolist()))
             bar.set_postfix({name: f"{v:.3f}" for name, v in values.items()}, refresh=False)
             if live is not None:
                 live.step = step
@@ -290,7 +340,7 @@ def _train_steps(
                     live.log_metric(f"train/{name}", value)
                 live.log_metric("train/lr", lr)
         if select_loader is not None and ((step + 1) % settings.eval.interval == 0 or step == steps - 1):
-            per_class = _evaluate(method.model, select_loader, trained).named_per_class_iou()
+            per_class = _evaluate(method.model, select_loader, trained, world).named_per_class_iou()
             miou = _headline(per_class, run)
             select_curve.append((step + 1, miou))
             if live is not None:
@@ -299,17 +349,23 @@ def _train_steps(
             method.train()
             if on_select is not None:
                 on_select(step + 1, miou)
-        if checkpoint is not None and settings.checkpoint_interval and (step + 1) % settings.checkpoint_interval == 0:
-            state = {
-                "kind": "uda-seg-bench checkpoint",
-                "step": step + 1,
-                "method": method.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "samplers": [source_sampler.state_dict(), target_sampler.state_dict()],
-                "method_generator": method.generator.get_state(),
-                "select_curve": select_curve,
-            }
-            write_bytes_atomic(checkpoint, _serialise(state))
+        interval = settings.checkpoint_interval
+        if checkpoint is not None and interval and ((step + 1) % interval == 0 or step == steps - 1):
+            rng = world.gather(checkpoints.rng_state(method.generator, world.device))
+            if world.is_main:
+                if live is not None:
+                    live.make_summary()  # the log's summary file travels with the checkpoint too
+                checkpoints.save(
+                    checkpoint,
+                    fingerprint=fingerprint,
+                    step=step + 1,
+                    method=method,
+                    optimizer=optimizer,
+                    rng=rng,
+                    select_curve=select_curve,
+                    log=checkpoints.read_log(live.dir) if live is not None else {},
+                    wall_time_s=time.perf_counter() - started,
+                )
     return {"method": method, "model_state": method.model.state_dict(), "select_curve": select_curve}
 
 
@@ -341,21 +397,62 @@ def _clean(value: float) -> float | None:
     return None if math.isnan(value) else round(value, 4)
 
 
-def train(run: RunConfig, out: Path | str, progress: bool = True, warm_start_dir: Path = WARM_START_DIR) -> dict:
-    """Train, evaluate on target_test and write ``out/metrics.json``; returns the record."""
+def train(
+    run: RunConfig,
+    out: Path | str,
+    progress: bool = True,
+    warm_start_dir: Path = WARM_START_DIR,
+    checkpoint: Path | str | None = None,
+    world: World | None = None,
+) -> dict | None:
+    """Train, evaluate on target_test and write ``out/metrics.json``; returns the record (``None`` in
+    processes other than process 0, which write nothing).
+
+    ``checkpoint`` (default ``out/checkpoint.pt``): where the training state is saved. If it holds a
+    checkpoint of this run (same configuration, data splits, code and number of processes), training
+    continues from it, DVCLive log included; one of another run is replaced; a file that is not a
+    checkpoint of this harness stops the run (``CheckpointError``). It is deleted once the record is
+    written: a finished run needs none.
+    """
     from dvclive import Live
 
+    world = world or World()
     out = Path(out)
+    checkpoint = Path(checkpoint) if checkpoint is not None else out / "checkpoint.pt"
+    check_files(run)
     started = time.perf_counter()
     hashes = split_hashes(run)
-    (out / "metrics.json").unlink(missing_ok=True)  # never leave a stale record beside a new run
-    with Live(str(out / "dvclive"), save_dvc_exp=False, dvcyaml=None, report=None) as live:
+    fingerprint = checkpoints.fingerprint(to_mapping(run), combined_hash(hashes), world.size)
+    resume, message = checkpoints.resumable(checkpoint, fingerprint)
+    if resume is not None:
+        started -= resume["wall_time_s"]
+    live = None
+    if world.is_main:
+        if message:
+            print(f"train.py: {message}", file=sys.stderr)
+        (out / "metrics.json").unlink(missing_ok=True)  # never leave a stale record beside a new run
+        for path in (checkpoint, out / "metrics.json"):
+            checkpoints.remove_stale_temporaries(path)
+        if resume is not None:
+            checkpoints.write_log(out / "dvclive", resume["log"])
+        live = Live(str(out / "dvclive"), resume=resume is not None, save_dvc_exp=False, dvcyaml=None, report=None)
+    with live if live is not None else contextlib.nullcontext():
         result = _train_steps(
-            run, progress=progress, live=live, checkpoint=out / "checkpoint.pt", warm_start_dir=warm_start_dir
+            run,
+            progress=progress,
+            live=live,
+            checkpoint=checkpoint,
+            warm_start_dir=warm_start_dir,
+            world=world,
+            resume=resume,
+            fingerprint=fingerprint,
+            started=started,
         )
         method = result["method"]
         tested = method_settings(run)
-        test = _evaluate(method.model, _eval_loader(tested, "target_test"), tested)
+        test = _evaluate(method.model, _eval_loader(tested, "target_test", world), tested, world)
+    if not world.is_main:
+        return None
     per_class = test.named_per_class_iou()
     record = {
         "record_version": RECORD_VERSION,
@@ -372,17 +469,25 @@ def train(run: RunConfig, out: Path | str, progress: bool = True, warm_start_dir
         "split_hash": combined_hash(hashes),
         "split_hashes": hashes,
         "steps": run.settings.optim.steps,
+        "processes": world.size,
+        "device": world.device.type,
         "wall_time_s": round(time.perf_counter() - started, 2),
         "config": to_mapping(run),
         "versions": _versions(),
         "git_commit": _git_commit(),
     }
     write_bytes_atomic(out / "metrics.json", (json.dumps(record, indent=1) + "\n").encode())
+    checkpoint.unlink(missing_ok=True)
     return record
 
 
 def default_out(run: RunConfig) -> Path:
     return REPO / "results" / "runs" / run.benchmark / run.method / f"seed{run.seed}"
+
+
+def default_checkpoint(run: RunConfig) -> Path:
+    """Outside the run folder, which ``dvc repro`` deletes when it starts the stage again."""
+    return REPO / "results" / "checkpoints" / run.benchmark / run.method / f"seed{run.seed}" / "checkpoint.pt"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -398,10 +503,18 @@ def main(argv: list[str] | None = None) -> int:
         "--tuned", nargs="?", const="", default=None, metavar="BEST_YAML",
         help="apply tuned method weights from results/tuning/B/M/best.yaml or the file given (--set still wins)",
     )
+    parser.add_argument(
+        "--checkpoint",
+        type=Path,
+        default=None,
+        help="the run's checkpoint file (default results/checkpoints/B/M/seedS/checkpoint.pt, or OUT/checkpoint.pt with --out)",
+    )
     parser.add_argument("--warm-start-only", action="store_true", help="only make the shared warm start")
     parser.add_argument("--warm-start-dir", type=Path, default=WARM_START_DIR, help="cache of shared warm starts")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
+    processes, speaks = distributed.launched_processes(), distributed.launched_rank() == 0
+    world = None
     try:
         overrides = list(args.set)
         if args.tuned is not None:
@@ -409,20 +522,39 @@ def main(argv: list[str] | None = None) -> int:
 
             best = Path(args.tuned) if args.tuned else study_dir(args.benchmark, args.method) / "best.yaml"
             overrides = tuned_overrides(best, args.benchmark, args.method) + overrides
-        run = resolve(args.params, args.benchmark, args.method, args.seed, args.profile, overrides)
+        run = resolve(args.params, args.benchmark, args.method, args.seed, args.profile, overrides, processes=processes)
         if args.warm_start_only:
             if run.settings.warm_start.steps <= 0:
                 raise ConfigError(f"profile {run.profile} has no warm start (warm_start.steps is 0)")
+            if processes > 1:
+                raise ConfigError("--warm-start-only runs in one process: start it without torchrun")
             print(ensure_warm_start(run, progress=not args.no_progress, directory=args.warm_start_dir))
             return 0
+        if args.checkpoint is None and args.out is None:
+            args.checkpoint = default_checkpoint(run)
+        world = distributed.start()
         record = train(
-            run, args.out or default_out(run), progress=not args.no_progress, warm_start_dir=args.warm_start_dir
+            run,
+            args.out or default_out(run),
+            progress=not args.no_progress,
+            warm_start_dir=args.warm_start_dir,
+            checkpoint=args.checkpoint,
+            world=world,
         )
-    except (ConfigError, DatasetFormatError) as error:
-        print(f"train.py: error: {error}", file=sys.stderr)
+    except (ConfigError, DatasetFormatError, CheckpointError) as error:
+        if speaks:
+            print(f"train.py: error: {error}", file=sys.stderr)
         return 2
-    headline = {k: record[k] for k in ("miou19", "miou16", "miou13") if k in record}
-    print(json.dumps({"benchmark": run.benchmark, "method": run.method, "seed": run.seed, **headline, "wall_time_s": record["wall_time_s"]}))
+    except FloatingPointError as error:
+        if speaks:
+            print(f"train.py: error: {error}; the run failed and wrote no record", file=sys.stderr)
+        return 1
+    finally:
+        if world is not None:
+            distributed.stop(world)
+    if record is not None:
+        headline = {k: record[k] for k in ("miou19", "miou16", "miou13") if k in record}
+        print(json.dumps({"benchmark": run.benchmark, "method": run.method, "seed": run.seed, **headline, "wall_time_s": record["wall_time_s"]}))
     return 0
 
 

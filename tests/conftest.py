@@ -2,16 +2,28 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from benchmark.formats import encode_gray_ids, encode_gta_label, encode_image, encode_synthia_label, write_bytes_atomic
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 REAL_FORMAT = SHARED / "fixtures" / "real_format"
+
+# One intra-op thread, here and in the processes tests start (train.py, torchrun): the tensors of the
+# tests are tiny, and on a shared CPU a second thread spins against other processes (a 4-step run
+# took 15x longer with two). Results also depend on the thread count, so a test comparing a run in
+# this process with one in a child process needs both on the same count.
+os.environ["OMP_NUM_THREADS"] = "1"
+torch.set_num_threads(1)
+# The tests run on the CPU even where a GPU is visible: runs they compare must share a device, and
+# the torchrun test starts more processes than a one-GPU machine has GPUs.
+os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
 
 @pytest.fixture
@@ -50,4 +62,49 @@ def write_cityscapes_root(root: Path, train: list[np.ndarray], val: list[np.ndar
             image = random_image(rng, label_ids.shape)
             write_bytes_atomic(root / "leftImg8bit" / split / city / f"{base}_leftImg8bit.png", encode_image(image))
             write_bytes_atomic(root / "gtFine" / split / city / f"{base}_gtFine_labelIds.png", encode_gray_ids(label_ids))
+    return root
+
+
+TINY_SIZE = dict(height=64, width=128)
+
+
+def tiny_params(data_root: Path) -> dict:
+    """A parameter file's content for 4-step runs on the tiny data of ``data_root`` (seconds on a CPU)."""
+    return {
+        "profile": "tiny",
+        "profiles": {
+            "tiny": {
+                "model": {"encoder": "efficientvit_b0", "head": "daformer", "embed_dim": 16},
+                "optim": {"lr": 1e-3, "warmup_steps": 2, "steps": 4, "batch_size": 2},
+                "warm_start": {"steps": 2, "lr": 1e-3},
+                "eval": {"batch_size": 4, "interval": 2},
+                "checkpoint_interval": 2,
+                "log_interval": 1,
+            }
+        },
+        "benchmarks": {
+            "mini-gta2cs": {
+                "protocol": "gta2cs",
+                "source": {"family": "gta", "root": str(data_root / "gta"), "scale": [48, 96]},
+                "target": {"family": "cityscapes", "root": str(data_root / "cityscapes"), "scale": [32, 64]},
+                "crop": [32, 32],
+                "test_scale": [32, 64],
+                "rcs_min_pixels": 4,
+                "cache": True,
+            }
+        },
+        "methods": {"daformer": {}},
+    }
+
+
+@pytest.fixture(scope="session")
+def data_root(tmp_path_factory) -> Path:
+    """Tiny GTA5-like and Cityscapes-like datasets, generated and prepared like the mini benchmarks."""
+    from benchmark import generate, prepare
+
+    root = tmp_path_factory.mktemp("mini")
+    generate.generate("gta", root / "gta", count=8, seed=0, workers=1, **TINY_SIZE)
+    prepare.prepare("gta", root / "gta")
+    generate.generate("cityscapes", root / "cityscapes", train=10, val=4, seed=0, workers=1, **TINY_SIZE)
+    prepare.prepare("cityscapes", root / "cityscapes", select_fraction=0.2)
     return root

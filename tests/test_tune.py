@@ -180,7 +180,7 @@ def tiny_params(tmp_path_factory):
 def test_tuning_daformer_trains_on_select_only_and_train_applies_the_best_weights(tiny_params, tmp_path, monkeypatch, capsys):
     splits = []
     evaluate_on = train._eval_loader
-    monkeypatch.setattr(train, "_eval_loader", lambda run, split: splits.append(split) or evaluate_on(run, split))
+    monkeypatch.setattr(train, "_eval_loader", lambda run, split, *rest: splits.append(split) or evaluate_on(run, split, *rest))
     out = tmp_path / "tuning"
     args = ["--benchmark", "mini-gta2cs", "--method", "daformer", "--params", str(tiny_params), "--out", str(out), "--no-progress"]
 
