@@ -27,6 +27,11 @@ def _type_name(tp: Any) -> str:
 def _coerce(value: Any, tp: Any, where: str) -> Any:
     """Check ``value`` against the annotation ``tp``; convert lists to tuples and ints to floats."""
     origin = typing.get_origin(tp)
+    if origin is typing.Literal:
+        choices = typing.get_args(tp)
+        if value not in choices or isinstance(value, bool) != isinstance(choices[0], bool):
+            raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(str, choices))}")
+        return value
     if origin in (typing.Union, types.UnionType):
         options = typing.get_args(tp)
         if value is None and type(None) in options:
@@ -93,7 +98,7 @@ def from_mapping(cls: type, data: Mapping[str, Any] | None, where: str = "") -> 
         values[name] = _coerce(value, hints[name], f"{where}.{name}" if where else name)
     try:
         return cls(**values)
-    except TypeError as error:
+    except (TypeError, ValueError) as error:  # missing fields; checks in __post_init__
         raise ConfigError(f"{where or cls.__name__}: {error}") from error
 
 

@@ -222,7 +222,7 @@ def _train_steps(
     model = build_model(run)
     if settings.warm_start.steps > 0:
         load_warm_start(model, ensure_warm_start(run, progress, warm_start_dir))
-    method = method_cls(model, params, seed=run.seed)
+    method = method_cls(model, params, seed=run.seed, total_steps=settings.optim.steps)
     method.train()
     groups = method.parameter_groups()
     head_mult = settings.optim.head_lr_mult
