@@ -27,10 +27,10 @@ add-ons reuse it instead of computing it again:
     mixed_losses(context)           student on the mixed batch (context.mixed_logits/_features)
     addon_losses(context)           {} here; each add-on adds its terms and calls super()
 
-All student forward passes go through ``forward_train`` (logits and encoder features aligned to the
-whole input crop) or ``student_features``, every supervised loss through ``supervised_loss``, and
-teacher features through ``teacher_features``: a base that changes them (HRDA's multi-resolution
-crops) overrides those and every add-on follows.
+All student forward passes go through ``forward_train`` (logits and encoder features for the whole
+input crop) or ``student_features``, every supervised loss through ``supervised_losses``, and teacher
+features through ``teacher_features``: a base that changes them (HRDA's multi-resolution crops)
+overrides those and every add-on follows.
 """
 
 from __future__ import annotations
@@ -140,18 +140,21 @@ class DAFormer(Method):
         """EMA-teacher encoder features aligned like ``forward_train``'s (no gradients)."""
         return self.teacher.model.forward_features(images)
 
-    def supervised_loss(
-        self, images: Tensor, labels: Tensor, weights: Tensor | None = None
-    ) -> tuple[Tensor, Tensor, list[Tensor]]:
-        """The base's segmentation loss on a labelled batch (pixel weights optional), with the logits
-        and features it computed: CE of ``forward_train``'s logits here."""
+    def supervised_losses(
+        self, prefix: str, images: Tensor, labels: Tensor, weights: Tensor | None = None
+    ) -> tuple[dict[str, Tensor], Tensor, list[Tensor]]:
+        """The base's segmentation loss terms on a labelled batch (pixel weights optional), named
+        ``<prefix>_...``, with the logits and features it computed: here the cross-entropy of
+        ``forward_train``'s logits, ``<prefix>_ce``. A base with other terms (HRDA's detail
+        cross-entropy) overrides this, and every loss built on it follows."""
         logits, features = self.forward_train(images)
-        return cross_entropy(logits, labels, weights), logits, features
+        return {f"{prefix}_ce": cross_entropy(logits, labels, weights)}, logits, features
 
     def source_losses(self, context: StepContext) -> dict[str, Tensor]:
         source = context.source
-        loss, context.source_logits, context.source_features = self.supervised_loss(source.image, source.label)
-        losses = {"source_ce": loss}
+        losses, context.source_logits, context.source_features = self.supervised_losses(
+            "source", source.image, source.label
+        )
         if self.reference_encoder is not None:
             with torch.no_grad():
                 reference = self.reference_encoder(source.image)[self.model.levels[-1]]
@@ -201,10 +204,10 @@ class DAFormer(Method):
         return strong_augment(images, self.generator, p.jitter_strength, p.jitter_probability, p.blur_probability)
 
     def mixed_losses(self, context: StepContext) -> dict[str, Tensor]:
-        loss, context.mixed_logits, context.mixed_features = self.supervised_loss(
-            context.mixed_images, context.mixed_labels, context.mixed_weights
+        losses, context.mixed_logits, context.mixed_features = self.supervised_losses(
+            "mix", context.mixed_images, context.mixed_labels, context.mixed_weights
         )
-        return {"mix_ce": self.params.mix_weight * loss}
+        return {name: self.params.mix_weight * loss for name, loss in losses.items()}
 
     def addon_losses(self, context: StepContext) -> dict[str, Tensor]:
         """Terms of the add-ons composed with this base; each add-on extends this through super()."""

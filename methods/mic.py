@@ -11,8 +11,8 @@ confidence weights q^T (the base's pseudo-labels and weights, DAFormer sec. 3.1)
 
     L_M = lambda_M * q^T * CE(g(x^M), p^T),   lambda_M = 1,
 
-through the base's own supervised loss (``supervised_loss``), so a base with another loss (HRDA's
-multi-resolution crops) applies it to the masked image too. Masked pixels are 0 in the normalised
+through the base's own supervised loss terms (``supervised_losses``: ``mic_masked_ce``, and HRDA's
+detail term too), so a base with another loss applies it to the masked image as well. Masked pixels are 0 in the normalised
 image (the ImageNet mean colour). The paper's blocks are 64 px on 512 px crops with mask ratio
 r = 0.7; the block is a fraction of the crop height (``mic_block_fraction`` = 64/512) so that it
 scales with the profile: 8 px blocks on the embedded 64x64 crops.
@@ -59,6 +59,8 @@ def block_mask(shape: tuple[int, int, int], block: int, ratio: float, generator:
 
 @register_addon
 class MIC(AddOn):
+    """Masked image consistency on top of a self-training base: a loss term, no module."""
+
     name = "mic"
     Params = MICParams
     search_space = {"mic_weight": SearchRange(0.1, 3.0, log=True)}
@@ -72,6 +74,8 @@ class MIC(AddOn):
             images = self.augment(images)
         block = max(1, round(p.mic_block_fraction * images.shape[-2]))
         mask = block_mask((images.shape[0], *images.shape[-2:]), block, p.mic_mask_ratio, self.generator)
-        loss, _, _ = self.supervised_loss(images * mask.to(images.device), context.pseudo_labels, context.pseudo_weights)
-        losses["mic_masked_ce"] = p.mic_weight * loss
+        masked, _, _ = self.supervised_losses(
+            "mic_masked", images * mask.to(images.device), context.pseudo_labels, context.pseudo_weights
+        )
+        losses.update({name: p.mic_weight * loss for name, loss in masked.items()})
         return losses

@@ -38,30 +38,33 @@ from methods.base import AddOn, SearchRange, register_addon
 from methods.components import ProjectionHead, contrastive_loss, labels_where_weighted, majority_labels
 
 
+#: Where Optuna searches the weight of either term (the paper's 0.1 in the middle of the log range).
+CONTRAST_WEIGHTS = SearchRange(0.01, 1.0, log=True)
+
+
 @dataclass
 class PiPaParams:
-    #: The pixel-wise contrast and its weight.
+    #: Pixel-wise contrast: on, its weight, and on pseudo-labelled target cells too (the paper;
+    #: false: on source cells only, as the released code).
     pipa_pixel: bool = True
     pipa_pixel_weight: float = 0.1
-    #: Pixel contrast on pseudo-labelled target cells too (the paper); false: source only (released code).
     pipa_pixel_target: bool = True
-    #: The patch-wise contrast and its weight.
+    #: Patch-wise contrast: on, its weight, and as released (on frozen teacher features, so that only
+    #: the projection head learns from it).
     pipa_patch: bool = True
     pipa_patch_weight: float = 0.1
-    #: Patch term as released: on frozen teacher features, only the projection head learns from it.
     pipa_as_released: bool = False
-    #: InfoNCE temperature of both terms.
-    pipa_temperature: float = 0.1
-    #: At most this many pixel anchors per step, and this many per image and class.
+    #: Patch crops: their side as a fraction of the target crop (> 0.5, so the two overlap), each
+    #: colour-augmented on its own (the base's jitter and blur) so that the two views differ.
+    pipa_crop_fraction: float = 0.75
+    pipa_patch_augment: bool = True
+    #: Pixel anchors: at most this many per step, and this many per image and class.
     pipa_max_anchors: int = 1024
     pipa_views_per_class: int = 100
-    #: Side of each patch-contrast crop as a fraction of the target crop (> 0.5, so the two overlap).
-    pipa_crop_fraction: float = 0.75
-    #: Colour-augment each crop on its own (the base's jitter and blur), so the two views differ.
-    pipa_patch_augment: bool = True
-    #: Embedding width of the projection heads.
+    #: InfoNCE temperature of both terms, embedding width of the projection heads, and the share of a
+    #: feature cell's pixels a class needs to label the cell.
+    pipa_temperature: float = 0.1
     pipa_projection_dim: int = 256
-    #: A feature cell gets a class when the class covers this fraction of its pixels.
     pipa_label_min_ratio: float = 0.75
 
     def __post_init__(self):
@@ -155,19 +158,18 @@ def patch_contrast(embeddings: Tensor, labels: Tensor, first: Tensor, second: Te
 
 @register_addon
 class PiPa(AddOn):
+    """Pixel and patch contrast on top of a self-training base; two projection heads (module docstring)."""
+
     name = "pipa"
     Params = PiPaParams
-    search_space = {
-        "pipa_pixel_weight": SearchRange(0.01, 1.0, log=True),
-        "pipa_patch_weight": SearchRange(0.01, 1.0, log=True),
-    }
+    search_space = {"pipa_pixel_weight": CONTRAST_WEIGHTS, "pipa_patch_weight": CONTRAST_WEIGHTS}
     bases = ("daformer", "hrda")
 
     def __init__(self, model, params=None, seed: int = 0, total_steps: int | None = None):
         super().__init__(model, params, seed, total_steps)
         p = self.params
-        self.pipa_pixel_projection = ProjectionHead(model.channels, p.pipa_projection_dim) if p.pipa_pixel else None
-        self.pipa_patch_projection = ProjectionHead(model.channels, p.pipa_projection_dim) if p.pipa_patch else None
+        self.pipa_pixel_projection = ProjectionHead(self.model.channels, p.pipa_projection_dim) if p.pipa_pixel else None
+        self.pipa_patch_projection = ProjectionHead(self.model.channels, p.pipa_projection_dim) if p.pipa_patch else None
 
     def addon_losses(self, context) -> dict[str, Tensor]:
         losses = super().addon_losses(context)

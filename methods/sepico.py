@@ -9,7 +9,7 @@ What it adds to its base, per step:
   variance Sigma_c, updated from the cells whose downscaled label (area vote, >= 75% of the cell) is
   c, as a count-weighted running average (sec. 3.3, ``ClassStatistics``);
 - a semantic-guided pixel contrast on the student's embeddings f of labelled source cells and of
-  pseudo-labelled target cells (the colour-augmented target image), one of (sec. 3.2-3.3):
+  pseudo-labelled target cells, one of (sec. 3.2-3.3):
 
       ProtoCL  L = -log softmax_y( f . mu / tau )                                   (centroids)
       BankCL   InfoNCE against a memory bank of per-batch class means               (memory bank)
@@ -24,6 +24,12 @@ What it adds to its base, per step:
   L_reg = sum_c log softmax_c( f_bar . mu / tau ) / (C log C), in the form and normalisation of the
   authors' released implementation;
 - all of it from a start iteration on (3,000 of 40,000 steps: ``sepico_start_fraction`` of the run).
+
+The target cells are by default those of the base's mixed batch (``sepico_target_view: mixed``):
+colour-augmented target pixels with the teacher's pseudo-labels, plus the pasted source pixels with
+their labels, whose embeddings the step has already computed. The released code instead forwards the
+colour-augmented target image once more (``sepico_target_view: target``), which costs a student
+forward and backward pass per step.
 
 The temperature follows the authors' convention: similarities are divided by tau = 100 (a large value
 they chose on purpose). Loss: ``sepico_weight * (L_source + L_target + sepico_reg_weight * L_reg)``.
@@ -62,8 +68,10 @@ class SePiCoParams:
     sepico_temperature: float = 100.0
     #: Contrast labelled source cells.
     sepico_source: bool = True
-    #: Contrast pseudo-labelled cells of the colour-augmented target image.
+    #: Contrast pseudo-labelled target cells, and from which view: the base's mixed batch ("mixed", no
+    #: extra forward pass) or the colour-augmented target image forwarded again ("target", as released).
     sepico_target: bool = True
+    sepico_target_view: Literal["mixed", "target"] = "mixed"
     #: The regulariser on the mean embedding, and its weight relative to the contrast.
     sepico_regularizer: bool = True
     sepico_reg_weight: float = 1.0
@@ -192,6 +200,9 @@ class ClassStatistics(nn.Module):
 
 @register_addon
 class SePiCo(AddOn):
+    """Semantic-guided pixel contrast on top of a self-training base (module docstring): a projection
+    head, its EMA copy for the teacher, and the class statistics of the teacher's source embeddings."""
+
     name = "sepico"
     Params = SePiCoParams
     search_space = {"sepico_weight": SearchRange(0.1, 10.0, log=True)}
@@ -200,7 +211,7 @@ class SePiCo(AddOn):
     def __init__(self, model, params=None, seed: int = 0, total_steps: int | None = None):
         super().__init__(model, params, seed, total_steps)
         p = self.params
-        channels = model.channels
+        channels = self.model.channels
         self.sepico_projection = ProjectionHead(channels, p.sepico_projection_dim, sum(channels) // len(channels))
         # the class statistics come from teacher embeddings: an EMA copy of the projection head
         self.sepico_teacher_projection = EMATeacher(self.sepico_projection, alpha_max=p.ema_alpha)
@@ -243,7 +254,9 @@ class SePiCo(AddOn):
         inputs = {}
         if p.sepico_source:
             inputs["source"] = (context.source_features, source.label)
-        if p.sepico_target:
+        if p.sepico_target and p.sepico_target_view == "mixed":
+            inputs["target"] = (context.mixed_features, labels_where_weighted(context.mixed_labels, context.mixed_weights))
+        elif p.sepico_target:
             pseudo = labels_where_weighted(context.pseudo_labels, context.pseudo_weights)
             inputs["target"] = (self.student_features(self.augment(target.image)), pseudo)
         regularizer = zero

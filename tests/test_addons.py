@@ -27,10 +27,10 @@ ADDONS = {"sepico": SePiCo, "pipa": PiPa, "mic": MIC}
 
 def test_every_addon_is_composed_with_daformer_and_listed():
     names = registered()
-    for addon in ADDONS:
+    for addon, addon_class in ADDONS.items():
         assert f"daformer+{addon}" in names
         cls = method_class(f"daformer+{addon}")
-        assert issubclass(cls, DAFormer) and issubclass(cls, ADDONS[addon])
+        assert issubclass(cls, DAFormer) and issubclass(cls, addon_class)
         assert cls.name == f"daformer+{addon}"
         assert method_class(f"daformer+{addon}") is cls  # composed once, then cached
     assert names[: len({"daformer", "source_only", "target_oracle"})] == ["daformer", "source_only", "target_oracle"]
@@ -163,7 +163,7 @@ class HalfResolution(DAFormer):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.hook_calls = {"forward_train": 0, "student_features": 0, "teacher_features": 0, "supervised_loss": 0}
+        self.hook_calls = {"forward_train": 0, "student_features": 0, "teacher_features": 0, "supervised_losses": 0}
         self.bypasses = 0
         self.inside_hook = False
         forward_features = self.model.forward_features
@@ -194,9 +194,12 @@ class HalfResolution(DAFormer):
         self.hook_calls["teacher_features"] += 1
         return self._half(self.teacher.model.forward_features, images)
 
-    def supervised_loss(self, images, labels, weights=None):
-        self.hook_calls["supervised_loss"] += 1
-        return super().supervised_loss(images, labels, weights)
+    def supervised_losses(self, prefix, images, labels, weights=None):
+        """DAFormer's term plus one of this base's own, as HRDA adds its detail cross-entropy."""
+        self.hook_calls["supervised_losses"] += 1
+        losses, logits, features = super().supervised_losses(prefix, images, labels, weights)
+        losses[f"{prefix}_extra_ce"] = 0.5 * losses[f"{prefix}_ce"]
+        return losses, logits, features
 
 
 @pytest.fixture
@@ -207,20 +210,36 @@ def half_resolution_base():
 
 
 @pytest.mark.parametrize(
-    "addon, expected",
+    "addon, settings, expected",
     [
-        ("sepico", {"forward_train": 2, "student_features": 1, "teacher_features": 1, "supervised_loss": 2}),
-        ("pipa", {"forward_train": 2, "student_features": 1, "teacher_features": 0, "supervised_loss": 2}),
-        ("mic", {"forward_train": 3, "student_features": 0, "teacher_features": 0, "supervised_loss": 3}),
+        ("sepico", {}, {"forward_train": 2, "student_features": 0, "teacher_features": 1, "supervised_losses": 2}),
+        (
+            "sepico",
+            {"sepico_target_view": "target"},
+            {"forward_train": 2, "student_features": 1, "teacher_features": 1, "supervised_losses": 2},
+        ),
+        ("pipa", {}, {"forward_train": 2, "student_features": 1, "teacher_features": 0, "supervised_losses": 2}),
+        (
+            "pipa",
+            {"pipa_as_released": True},
+            {"forward_train": 2, "student_features": 0, "teacher_features": 1, "supervised_losses": 2},
+        ),
+        ("mic", {}, {"forward_train": 3, "student_features": 0, "teacher_features": 0, "supervised_losses": 3}),
     ],
 )
-def test_addons_reach_the_network_only_through_the_base_hooks(monkeypatch, half_resolution_base, addon, expected):
+def test_addons_reach_the_network_only_through_the_base_hooks(
+    monkeypatch, half_resolution_base, addon, settings, expected
+):
     monkeypatch.setattr(ADDONS[addon], "bases", (*ADDONS[addon].bases, half_resolution_base))
-    method = method_class(f"{half_resolution_base}+{addon}")(tiny_model(), seed=0)
+    cls = method_class(f"{half_resolution_base}+{addon}")
+    method = cls(tiny_model(), cls.Params(**settings), seed=0)
     method.train()
     losses = method.step(two_class_batch(0), Batch(two_class_batch(1).image), 0)
     assert all(torch.isfinite(v) for v in losses.values())
     assert any(key.startswith(addon) for key in losses)
+    assert {"source_extra_ce", "mix_extra_ce"} <= set(losses)
+    if addon == "mic":  # the masked image is trained with all of the base's terms
+        assert {"mic_masked_ce", "mic_masked_extra_ce"} <= set(losses)
     assert method.hook_calls == expected
     assert method.bypasses == 0
 

@@ -61,11 +61,11 @@ def test_mic_masks_blocks_scaled_to_the_crop_and_uses_the_base_loss(monkeypatch)
     method.params.mic_color_augment = False
     seen = []
 
-    def recording(images, labels, weights=None):
+    def recording(prefix, images, labels, weights=None):
         seen.append((images, labels, weights))
-        return torch.zeros(()), None, []
+        return {f"{prefix}_ce": torch.zeros(())}, None, []
 
-    monkeypatch.setattr(method, "supervised_loss", recording)
+    monkeypatch.setattr(method, "supervised_losses", recording)
     context = _context(method)
     method.addon_losses(context)
     (images, labels, weights), = seen

@@ -117,10 +117,14 @@ def test_class_statistics_equal_the_pooled_mean_and_variance_and_keep_the_latest
 
 
 def _context(method, step: int) -> StepContext:
+    """What the base has computed by the time add-ons run: source features, pseudo-labels, the mixed
+    batch's labels and features (here simply the target image's)."""
     source, target = two_class_batch(0), two_class_batch(1)
     context = StepContext(step, source, Batch(target.image))
     context.source_features = method.model.forward_features(source.image)
     context.pseudo_labels, context.pseudo_weights = target.label.clamp(max=13), torch.ones(2, 32, 32)
+    context.mixed_labels, context.mixed_weights = context.pseudo_labels, context.pseudo_weights
+    context.mixed_features = method.model.forward_features(target.image)
     return context
 
 
@@ -150,8 +154,13 @@ def test_sepico_switches_select_the_terms_and_the_variant():
     assert set(losses) == {"sepico_source"}
     losses["sepico_source"].backward()
     assert method.sepico_projection.layers[0].weight.grad is not None
-    # untrusted pseudo-labels (weight 0) contribute no target cell
+    # untrusted pseudo-labels (weight 0) contribute no target cell, in either view of the target
     method.params.sepico_target, method.params.sepico_variant = True, "proto"
     context = _context(method, step=1)
+    context.mixed_weights = torch.zeros(2, 32, 32)
+    assert method.addon_losses(context)["sepico_target"].item() == 0.0
+    assert method.addon_losses(_context(method, step=2))["sepico_target"].item() > 0.0
+    method.params.sepico_target_view = "target"
+    context = _context(method, step=3)
     context.pseudo_weights = torch.zeros(2, 32, 32)
     assert method.addon_losses(context)["sepico_target"].item() == 0.0
