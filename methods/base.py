@@ -159,6 +159,9 @@ def register_addon(cls: type[AddOn]) -> type[AddOn]:
     foreign = sorted(f for f in fields if not f.startswith(f"{cls.name}_"))
     if foreign:
         raise ValueError(f"add-on {cls.name}: hyperparameters must be named {cls.name}_..., got {foreign}")
+    required = [f.name for f in dataclasses.fields(cls.Params) if f.default is f.default_factory is dataclasses.MISSING]
+    if required:
+        raise ValueError(f"add-on {cls.name}: hyperparameters {required} need defaults")
     missing = set(cls.search_space) - fields
     if missing:
         raise ValueError(f"add-on {cls.name}: search_space names unknown hyperparameters {sorted(missing)}")

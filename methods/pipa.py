@@ -177,7 +177,7 @@ class PiPa(AddOn):
         if p.pipa_pixel:
             losses["pipa_pixel"] = p.pipa_pixel_weight * self.pipa_pixel_loss(context)
         if p.pipa_patch:
-            losses["pipa_patch"] = p.pipa_patch_weight * self.pipa_patch_loss(context.target.image, context)
+            losses["pipa_patch"] = p.pipa_patch_weight * self.pipa_patch_loss(context)
         return losses
 
     def pipa_pixel_loss(self, context) -> Tensor:
@@ -206,10 +206,11 @@ class PiPa(AddOn):
         positives = same & ~torch.eye(len(classes), dtype=torch.bool, device=same.device)
         return contrastive_loss(rows, rows, positives, ~same, p.pipa_temperature)
 
-    def pipa_patch_loss(self, images: Tensor, context) -> Tensor:
+    def pipa_patch_loss(self, context) -> Tensor:
         """Patch contrast between two overlapping crops of each target image, pseudo-labelled by the
         teacher's labels of the whole image (cells of weight 0 unlabelled)."""
         p = self.params
+        images = context.target.image
         batch, _, height, width = images.shape
         stride = self.model.reductions[0]
         size, corners = overlapping_crops(height, width, p.pipa_crop_fraction, stride, batch, self.generator)

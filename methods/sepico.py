@@ -232,43 +232,47 @@ class SePiCo(AddOn):
         cells = majority_labels(labels, embeddings.shape[-2:], NUM_CLASSES, self.params.sepico_label_min_ratio)
         return flatten_labelled(embeddings, cells)
 
-    def addon_losses(self, context) -> dict[str, Tensor]:
-        losses = super().addon_losses(context)
-        p = self.params
+    def sepico_update_statistics(self, context) -> None:
+        """Update the class statistics from the teacher's embeddings of the labelled source cells."""
         if context.step > 0:
             # the teacher head follows the student head as the loop's EMA teacher follows the model:
             # this is the update after step t - 1, applied before step t reads it
             self.sepico_teacher_projection.update(self.sepico_projection, context.step - 1)
-        source, target = context.source, context.target
+        source = context.source
         teacher = self.sepico_teacher_projection(self.teacher_features(source.image))
-        cells = majority_labels(source.label, teacher.shape[-2:], NUM_CLASSES, p.sepico_label_min_ratio)
+        cells = majority_labels(source.label, teacher.shape[-2:], NUM_CLASSES, self.params.sepico_label_min_ratio)
         self.sepico_statistics.update(*flatten_labelled(teacher, cells))
 
+    def sepico_view(self, domain: str, context) -> tuple[list[Tensor], Tensor]:
+        """Student encoder features and labels (B, H, W) of the cells contrasted for ``domain``."""
+        if domain == "source":
+            return context.source_features, context.source.label
+        if self.params.sepico_target_view == "mixed":
+            return context.mixed_features, labels_where_weighted(context.mixed_labels, context.mixed_weights)
+        features = self.student_features(self.augment(context.target.image))
+        return features, labels_where_weighted(context.pseudo_labels, context.pseudo_weights)
+
+    def addon_losses(self, context) -> dict[str, Tensor]:
+        losses = super().addon_losses(context)
+        p = self.params
+        self.sepico_update_statistics(context)
         domains = [d for d, on in (("source", p.sepico_source), ("target", p.sepico_target)) if on]
-        zero = source.image.new_zeros(())
+        zero = context.source.image.new_zeros(())
         if self.total_steps is not None and context.step < int(p.sepico_start_fraction * self.total_steps):
             losses.update({f"sepico_{d}": zero for d in domains})
             if p.sepico_regularizer and domains:
                 losses["sepico_reg"] = zero
             return losses
-        inputs = {}
-        if p.sepico_source:
-            inputs["source"] = (context.source_features, source.label)
-        if p.sepico_target and p.sepico_target_view == "mixed":
-            inputs["target"] = (context.mixed_features, labels_where_weighted(context.mixed_labels, context.mixed_weights))
-        elif p.sepico_target:
-            pseudo = labels_where_weighted(context.pseudo_labels, context.pseudo_weights)
-            inputs["target"] = (self.student_features(self.augment(target.image)), pseudo)
         regularizer = zero
-        for domain, (features, labels) in inputs.items():
-            embeddings, labels = self.sepico_cells(features, labels)
+        for domain in domains:
+            embeddings, labels = self.sepico_cells(*self.sepico_view(domain, context))
             if len(labels) == 0:
                 losses[f"sepico_{domain}"] = embeddings.sum() * 0.0
                 continue
             losses[f"sepico_{domain}"] = p.sepico_weight * self.sepico_contrast(embeddings, labels)
             if p.sepico_regularizer:
-                stats = self.sepico_statistics
-                regularizer = regularizer + centroid_regularizer(embeddings, stats.mean, p.sepico_temperature)
+                mean = self.sepico_statistics.mean
+                regularizer = regularizer + centroid_regularizer(embeddings, mean, p.sepico_temperature)
         if p.sepico_regularizer and domains:
             losses["sepico_reg"] = p.sepico_weight * p.sepico_reg_weight * regularizer
         return losses

@@ -96,12 +96,12 @@ def test_patch_contrast_by_hand():
     assert loss.item() == pytest.approx(math.log(1 + 2 * math.exp(-1)))
 
 
-def _patch_context(method) -> tuple[torch.Tensor, StepContext]:
+def _patch_context() -> StepContext:
     target = two_class_batch(1, size=32)
     context = StepContext(0, two_class_batch(0), Batch(target.image))
     context.pseudo_labels = target.label.clamp(max=13)
     context.pseudo_weights = torch.ones(2, 32, 32)
-    return target.image, context
+    return context
 
 
 def _gradients(method) -> dict[str, bool]:
@@ -111,8 +111,7 @@ def _gradients(method) -> dict[str, bool]:
 def test_patch_term_gradient_reaches_the_encoder_by_default():
     method = method_class("daformer+pipa")(tiny_model(), seed=0)
     method.train()
-    images, context = _patch_context(method)
-    method.pipa_patch_loss(images, context).backward()
+    method.pipa_patch_loss(_patch_context()).backward()
     flows = _gradients(method)
     assert any(flows[n] for n in flows if n.startswith("model.encoder."))
     assert all(flows[n] for n in flows if n.startswith("pipa_patch_projection.layers.3"))
@@ -123,8 +122,7 @@ def test_patch_term_as_released_trains_only_its_projection_head():
     method = method_class("daformer+pipa")(tiny_model(), seed=0)
     method.params.pipa_as_released = True
     method.train()
-    images, context = _patch_context(method)
-    method.pipa_patch_loss(images, context).backward()
+    method.pipa_patch_loss(_patch_context()).backward()
     flows = _gradients(method)
     trained = {n for n, flowed in flows.items() if flowed}
     assert trained and all(n.startswith("pipa_patch_projection.") for n in trained)
