@@ -61,10 +61,11 @@ class PiPaParams:
     #: Pixel anchors: at most this many per step, and this many per image and class.
     pipa_max_anchors: int = 1024
     pipa_views_per_class: int = 100
-    #: InfoNCE temperature of both terms, embedding width of the projection heads, and the share of a
+    #: InfoNCE temperature of both terms, embedding width of the projection heads (null: the decode
+    #: head's width, as the released code's 256 with DAFormer's 256-wide head), and the share of a
     #: feature cell's pixels a class needs to label the cell.
     pipa_temperature: float = 0.1
-    pipa_projection_dim: int = 256
+    pipa_projection_dim: int | None = None
     pipa_label_min_ratio: float = 0.75
 
     def __post_init__(self):
@@ -168,8 +169,9 @@ class PiPa(AddOn):
     def __init__(self, model, params=None, seed: int = 0, total_steps: int | None = None):
         super().__init__(model, params, seed, total_steps)
         p = self.params
-        self.pipa_pixel_projection = ProjectionHead(self.model.channels, p.pipa_projection_dim) if p.pipa_pixel else None
-        self.pipa_patch_projection = ProjectionHead(self.model.channels, p.pipa_projection_dim) if p.pipa_patch else None
+        width = p.pipa_projection_dim or self.model.head.embed_dim
+        self.pipa_pixel_projection = ProjectionHead(self.model.channels, width) if p.pipa_pixel else None
+        self.pipa_patch_projection = ProjectionHead(self.model.channels, width) if p.pipa_patch else None
 
     def addon_losses(self, context) -> dict[str, Tensor]:
         losses = super().addon_losses(context)

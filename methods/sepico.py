@@ -33,7 +33,8 @@ forward and backward pass per step.
 
 The temperature follows the authors' convention: similarities are divided by tau = 100 (a large value
 they chose on purpose). Loss: ``sepico_weight * (L_source + L_target + sepico_reg_weight * L_reg)``.
-Each term and the variant are switches for ablations.
+Each term and the variant are switches for ablations. The base keeps its own defaults: the released
+SePiCo setup has no thing-class feature distance (``--set method.feature_distance=false``).
 """
 
 from __future__ import annotations
