@@ -156,18 +156,22 @@ class DAFormer(Method):
             "source", source.image, source.label
         )
         if self.reference_encoder is not None:
-            with torch.no_grad():
-                reference = self.reference_encoder(source.image)[self.model.levels[-1]]
-            distance = feature_distance(
-                context.source_features[-1],
-                reference,
-                source.label,
-                self.thing_ids,
-                NUM_CLASSES,
-                self.params.feature_distance_min_ratio,
-            )
-            losses["feature_distance"] = self.params.feature_distance_weight * distance
+            losses["feature_distance"] = self.feature_distance_loss(source.image, source.label, context.source_features)
         return losses
+
+    def feature_distance_loss(self, images: Tensor, labels: Tensor, features: list[Tensor]) -> Tensor:
+        """Weighted thing-class feature distance (sec. 3.4, eq. 7-8) between the student's ``features``
+        of ``images`` and the frozen reference encoder's features of the same images.
+
+        images: (B, 3, H, W) as the student's encoder saw them; labels: (B, H', W') of the same field of
+        view at any resolution; features: the student's levels, the last one compared.
+        """
+        with torch.no_grad():
+            reference = self.reference_encoder(images)[self.model.levels[-1]]
+        distance = feature_distance(
+            features[-1], reference, labels, self.thing_ids, NUM_CLASSES, self.params.feature_distance_min_ratio
+        )
+        return self.params.feature_distance_weight * distance
 
     def target_pseudo_labels(self, target: Batch) -> tuple[Tensor, Tensor]:
         """Teacher pseudo-labels (B, H, W) and their weights (B, H, W) on the un-augmented target."""
