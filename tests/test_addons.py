@@ -66,45 +66,24 @@ def test_unsupported_compositions_name_what_is_allowed(name, message):
         method_class(name)
 
 
-def test_addon_registration_checks_its_declaration():
-    @dataclasses.dataclass
-    class Loose:
-        weight: float = 1.0
+def weight():
+    return dataclasses.field(default=1.0)
 
-    class Unprefixed(AddOn):
-        name = "test_unprefixed"
-        Params = Loose
-        bases = ("daformer",)
 
-    with pytest.raises(ValueError, match=r"must be named test_unprefixed_\.\.\., got \['weight'\]"):
-        register_addon(Unprefixed)
-
-    @dataclasses.dataclass
-    class Required:
-        test_required_weight: float
-
-    class NoDefault(AddOn):
-        name = "test_required"
-        Params = Required
-        bases = ("daformer",)
-
-    with pytest.raises(ValueError, match=r"hyperparameters \['test_required_weight'\] need defaults"):
-        register_addon(NoDefault)
-
-    class Baseless(AddOn):
-        name = "test_baseless"
-        bases = ()
-
-    with pytest.raises(ValueError, match="declares no supported bases"):
-        register_addon(Baseless)
-
-    class Twin(AddOn):
-        name = "pipa"
-        bases = ("daformer",)
-
-    with pytest.raises(ValueError, match="'pipa' is already registered by methods.pipa.PiPa"):
-        register_addon(Twin)
-    assert "daformer+test_unprefixed" not in registered()
+@pytest.mark.parametrize(
+    "name, fields, bases, message",
+    [
+        ("test_loose", [("weight", float, weight())], ("daformer",), r"must be named test_loose_\.\.\., got \['weight'\]"),
+        ("test_required", [("test_required_weight", float)], ("daformer",), r"\['test_required_weight'\] need defaults"),
+        ("test_baseless", [("test_baseless_weight", float, weight())], (), "declares no supported bases"),
+        ("pipa", [("pipa_weight", float, weight())], ("daformer",), "'pipa' is already registered by methods.pipa.PiPa"),
+    ],
+)
+def test_addon_registration_checks_its_declaration(name, fields, bases, message):
+    addon = type("Declared", (AddOn,), {"name": name, "Params": dataclasses.make_dataclass("P", fields), "bases": bases})
+    with pytest.raises(ValueError, match=message):
+        register_addon(addon)
+    assert not any(composed.endswith(f"+{name}") and name != "pipa" for composed in registered())
 
 
 def test_addon_fields_must_not_clash_with_the_base():
