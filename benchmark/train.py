@@ -272,7 +272,8 @@ def _train_steps(
         world.barrier()  # the other processes wait until process 0 has made it
         load_warm_start(model, warm_start_path(run, warm_start_dir))
     model = distributed.synchronise_batch_norm(model, world).to(world.device)
-    method = method_cls(model, params, seed=process_seed(run.seed, world.rank)).to(world.device)
+    method = method_cls(model, params, seed=process_seed(run.seed, world.rank), total_steps=settings.optim.steps)
+    method = method.to(world.device)
     method.train()
     groups = method.parameter_groups()
     head_mult = settings.optim.head_lr_mult

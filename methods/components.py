@@ -190,3 +190,80 @@ def feature_distance(
         return features.sum() * 0.0
     distance = (features - reference.detach()).norm(dim=1)
     return distance[mask].mean()
+
+
+def labels_where_weighted(labels: Tensor, weights: Tensor) -> Tensor:
+    """Pseudo-labels with the ignore index wherever their weight is 0 (DAFormer's untrusted top and
+    bottom rows), for losses that use labels without weights.
+
+    labels, weights: (B, H, W) -> (B, H, W) int64."""
+    return torch.where(weights > 0, labels, torch.full_like(labels, IGNORE_INDEX))
+
+
+def concat_levels(features: list[Tensor]) -> Tensor:
+    """Encoder levels upsampled bilinearly to the finest one and concatenated along channels.
+
+    features: L tensors (B, C_i, h_i, w_i), finest first -> (B, sum C_i, h_0, w_0)."""
+    size = features[0].shape[-2:]
+    return torch.cat(
+        [f if f.shape[-2:] == size else F.interpolate(f, size=size, mode="bilinear", align_corners=False) for f in features],
+        dim=1,
+    )
+
+
+class ProjectionHead(nn.Module):
+    """Contrastive projection of the concatenated multi-level encoder features (SePiCo sec. 3.2, PiPa
+    sec. 3.2): 1x1 conv, BatchNorm, ReLU, 1x1 conv to ``out_channels``, L2-normalised per pixel.
+
+    ``in_channels`` are the encoder's level widths (read from ``Segmentor.channels``).
+    features: L tensors (B, C_i, h_i, w_i), finest first -> (B, out_channels, h_0, w_0), unit norm.
+    """
+
+    def __init__(self, in_channels: list[int], out_channels: int, hidden_channels: int | None = None):
+        super().__init__()
+        total = sum(in_channels)
+        hidden = hidden_channels or total
+        self.layers = nn.Sequential(
+            nn.Conv2d(total, hidden, kernel_size=1, bias=False),
+            nn.BatchNorm2d(hidden),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(hidden, out_channels, kernel_size=1),
+        )
+
+    def forward(self, features: list[Tensor]) -> Tensor:
+        return F.normalize(self.layers(concat_levels(features)), dim=1)
+
+
+def flatten_labelled(embeddings: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """Pixel embeddings with a label, as rows: (B, D, h, w), (B, h, w) -> (N, D), (N,) where N counts
+    the cells whose label is not the ignore index."""
+    rows = embeddings.permute(0, 2, 3, 1).reshape(-1, embeddings.shape[1])
+    labels = labels.reshape(-1)
+    keep = labels != IGNORE_INDEX
+    return rows[keep], labels[keep]
+
+
+def contrastive_loss(
+    anchors: Tensor, candidates: Tensor, positives: Tensor, negatives: Tensor, temperature: float
+) -> Tensor:
+    """InfoNCE with one denominator per positive pair (Wang et al., ICCV 2021, eq. 2; PiPa eq. 1-3):
+
+        L = mean_i  1/|P_i| sum_{p in P_i}  -log( e^{s_ip} / (e^{s_ip} + sum_{n in N_i} e^{s_in}) ),
+        s_ij = a_i . c_j / temperature,
+
+    averaged over the anchors that have at least one positive (0, with a graph, if none has).
+
+    anchors: (N, D); candidates: (M, D); positives, negatives: (N, M) bool masks.
+    """
+    similarity = anchors @ candidates.T / temperature
+    has_positive = positives.any(dim=1)
+    if not has_positive.any():
+        return similarity.sum() * 0.0
+    similarity, positives, negatives = similarity[has_positive], positives[has_positive], negatives[has_positive]
+    # log-sum-exp over the negatives of each anchor; the finite fill keeps the gradient of an anchor
+    # without negatives at 0 instead of NaN (its negative term is then e^-huge)
+    lowest = torch.finfo(similarity.dtype).min
+    negative_term = torch.logsumexp(similarity.masked_fill(~negatives, lowest), dim=1, keepdim=True)
+    per_pair = torch.logaddexp(similarity, negative_term) - similarity
+    per_anchor = (per_pair * positives).sum(dim=1) / positives.sum(dim=1)
+    return per_anchor.mean()

@@ -15,15 +15,28 @@ are switched by ``rare_class_sampling`` and ``lr_warmup`` (read by the loop).
 
 The reference encoder of the feature distance is a frozen copy of the encoder as the run starts: the
 ImageNet weights at paper scale, the shared source-trained warm start on the embedded profile (which
-has no ImageNet weights). Subclasses (HRDA, add-ons) override the hooks ``forward_train``,
-``source_losses``, ``target_pseudo_labels`` and ``mixed_losses``; ``feature_distance_loss`` computes the
-feature-distance term for whatever view of the source images the student's encoder saw.
+has no ImageNet weights).
+
+The step is a fixed sequence of hooks that subclasses (HRDA) and add-ons (SePiCo, PiPa, MIC)
+override; each records what it computed in the step's ``StepContext`` so that later hooks and
+add-ons reuse it instead of computing it again:
+
+    source_losses(context)          student on the source batch (context.source_logits/_features)
+    target_pseudo_labels(target)    teacher pseudo-labels and weights (context.pseudo_labels/_weights)
+    mixed_batch(...)                ClassMix + strong augmentation (context.mixed_images/_labels/_weights)
+    mixed_losses(context)           student on the mixed batch (context.mixed_logits/_features)
+    addon_losses(context)           {} here; each add-on adds its terms and calls super()
+
+All student forward passes go through ``forward_train`` (logits and encoder features for the whole
+input crop) or ``student_features``, every supervised loss through ``supervised_losses``, and teacher
+features through ``teacher_features``: a base that changes them (HRDA's multi-resolution crops)
+overrides those and every add-on follows.
 """
 
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -61,6 +74,28 @@ class DAFormerParams(Params):
     feature_distance_min_ratio: float = 0.75
 
 
+@dataclass
+class StepContext:
+    """What one step has computed so far; filled in by the hooks in the order of ``DAFormer.step``.
+
+    Shapes: images (B, 3, H, W); labels and weights (B, H, W); logits (B, C, h, w) and features (a
+    list of (B, C_i, h_i, w_i), finest first) as ``forward_train`` returns them for the whole crop.
+    """
+
+    step: int
+    source: Batch
+    target: Batch
+    source_logits: Tensor | None = None
+    source_features: list[Tensor] = field(default_factory=list)
+    pseudo_labels: Tensor | None = None
+    pseudo_weights: Tensor | None = None
+    mixed_images: Tensor | None = None
+    mixed_labels: Tensor | None = None
+    mixed_weights: Tensor | None = None
+    mixed_logits: Tensor | None = None
+    mixed_features: list[Tensor] = field(default_factory=list)
+
+
 @register
 class DAFormer(Method):
     name = "daformer"
@@ -71,8 +106,8 @@ class DAFormer(Method):
         "pseudo_threshold": SearchRange(0.8, 0.99),
     }
 
-    def __init__(self, model, params: DAFormerParams | None = None, seed: int = 0):
-        super().__init__(model, params, seed)
+    def __init__(self, model, params: DAFormerParams | None = None, seed: int = 0, total_steps: int | None = None):
+        super().__init__(model, params, seed, total_steps)
         p = self.params
         self.teacher = EMATeacher(model, alpha_max=p.ema_alpha)
         self.reference_encoder = None
@@ -95,11 +130,33 @@ class DAFormer(Method):
         features = self.model.forward_features(images)
         return self.model.head(features), features
 
-    def source_losses(self, source: Batch) -> dict[str, Tensor]:
-        logits, features = self.forward_train(source.image)
-        losses = {"source_ce": cross_entropy(logits, source.label)}
+    def student_features(self, images: Tensor) -> list[Tensor]:
+        """Student encoder features (with gradients) aligned like ``forward_train``'s, without the
+        decode head, for add-ons that need features only."""
+        return self.model.forward_features(images)
+
+    @torch.no_grad()
+    def teacher_features(self, images: Tensor) -> list[Tensor]:
+        """EMA-teacher encoder features aligned like ``forward_train``'s (no gradients)."""
+        return self.teacher.model.forward_features(images)
+
+    def supervised_losses(
+        self, prefix: str, images: Tensor, labels: Tensor, weights: Tensor | None = None
+    ) -> tuple[dict[str, Tensor], Tensor, list[Tensor]]:
+        """The base's segmentation loss terms on a labelled batch (pixel weights optional), named
+        ``<prefix>_...``, with the logits and features it computed: here the cross-entropy of
+        ``forward_train``'s logits, ``<prefix>_ce``. A base with other terms (HRDA's detail
+        cross-entropy) overrides this, and every loss built on it follows."""
+        logits, features = self.forward_train(images)
+        return {f"{prefix}_ce": cross_entropy(logits, labels, weights)}, logits, features
+
+    def source_losses(self, context: StepContext) -> dict[str, Tensor]:
+        source = context.source
+        losses, context.source_logits, context.source_features = self.supervised_losses(
+            "source", source.image, source.label
+        )
         if self.reference_encoder is not None:
-            losses["feature_distance"] = self.feature_distance_loss(source.image, source.label, features)
+            losses["feature_distance"] = self.feature_distance_loss(source.image, source.label, context.source_features)
         return losses
 
     def feature_distance_loss(self, images: Tensor, labels: Tensor, features: list[Tensor]) -> Tensor:
@@ -140,20 +197,35 @@ class DAFormer(Method):
             weights = mix(masks, torch.ones_like(weights), weights)
         else:
             images = target.image
-        if p.strong_augment:
-            images = strong_augment(
-                images, self.generator, p.jitter_strength, p.jitter_probability, p.blur_probability
-            )
-        return images, labels, weights
+        return self.augment(images), labels, weights
 
-    def mixed_losses(self, images: Tensor, labels: Tensor, weights: Tensor) -> dict[str, Tensor]:
-        logits, _ = self.forward_train(images)
-        return {"mix_ce": self.params.mix_weight * cross_entropy(logits, labels, weights)}
+    def augment(self, images: Tensor) -> Tensor:
+        """DAFormer's strong augmentation (colour jitter and blur) with this run's settings; the
+        images unchanged when ``strong_augment`` is off."""
+        p = self.params
+        if not p.strong_augment:
+            return images
+        return strong_augment(images, self.generator, p.jitter_strength, p.jitter_probability, p.blur_probability)
+
+    def mixed_losses(self, context: StepContext) -> dict[str, Tensor]:
+        losses, context.mixed_logits, context.mixed_features = self.supervised_losses(
+            "mix", context.mixed_images, context.mixed_labels, context.mixed_weights
+        )
+        return {name: self.params.mix_weight * loss for name, loss in losses.items()}
+
+    def addon_losses(self, context: StepContext) -> dict[str, Tensor]:
+        """Terms of the add-ons composed with this base; each add-on extends this through super()."""
+        return {}
 
     # ---- the step ----------------------------------------------------------------------------
 
     def step(self, source: Batch, target: Batch, step: int) -> dict[str, Tensor]:
-        losses = self.source_losses(source)
-        labels, weights = self.target_pseudo_labels(target)
-        losses.update(self.mixed_losses(*self.mixed_batch(source, target, labels, weights)))
+        context = StepContext(step, source, target)
+        losses = self.source_losses(context)
+        context.pseudo_labels, context.pseudo_weights = self.target_pseudo_labels(target)
+        context.mixed_images, context.mixed_labels, context.mixed_weights = self.mixed_batch(
+            source, target, context.pseudo_labels, context.pseudo_weights
+        )
+        losses.update(self.mixed_losses(context))
+        losses.update(self.addon_losses(context))
         return losses

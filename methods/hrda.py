@@ -49,8 +49,8 @@ from torch import Tensor
 from benchmark.config import ConfigError
 from benchmark.metrics import window_starts
 from benchmark.models import SegFormerHead, Segmentor
-from methods.base import Batch, SearchRange, cross_entropy, register
-from methods.daformer import DAFormer, DAFormerParams
+from methods.base import SearchRange, cross_entropy, register
+from methods.daformer import DAFormer, DAFormerParams, StepContext
 
 
 @dataclass
@@ -305,7 +305,7 @@ class HRDA(DAFormer):
     Params = HRDAParams
     search_space = {**DAFormer.search_space, "detail_loss_weight": SearchRange(0.02, 0.5, log=True)}
 
-    def __init__(self, model: Segmentor, params: HRDAParams | None = None, seed: int = 0):
+    def __init__(self, model: Segmentor, params: HRDAParams | None = None, seed: int = 0, total_steps: int | None = None):
         params = params if params is not None else self.Params()
         wrapped = HRDASegmentor(
             model,
@@ -315,7 +315,7 @@ class HRDA(DAFormer):
             attention_classwise=params.attention_classwise,
             attention_embed_dim=params.attention_embed_dim,
         )
-        super().__init__(wrapped, params, seed)
+        super().__init__(wrapped, params, seed, total_steps)
         self.last_detail: DetailPrediction | None = None
 
     @classmethod
@@ -365,15 +365,21 @@ class HRDA(DAFormer):
             f"{prefix}_detail_ce": weight * cross_entropy(detail.logits, detail.box.crop(labels), detail_weights),
         }
 
-    def source_losses(self, source: Batch) -> dict[str, Tensor]:
-        fused, features = self.forward_train(source.image)
-        losses = self.multi_resolution_losses("source", fused, source.label)
-        if self.reference_encoder is not None:
-            context = self.model.context_view(source.image)
-            losses["feature_distance"] = self.feature_distance_loss(context, source.label, features)
-        return losses
+    def supervised_losses(
+        self, prefix: str, images: Tensor, labels: Tensor, weights: Tensor | None = None
+    ) -> tuple[dict[str, Tensor], Tensor, list[Tensor]]:
+        """HRDA's two terms (``multi_resolution_losses``) in place of DAFormer's single cross-entropy,
+        so the mixed loss and every add-on loss built on this hook get the detail term too."""
+        fused, features = self.forward_train(images)
+        return self.multi_resolution_losses(prefix, fused, labels, weights), fused, features
 
-    def mixed_losses(self, images: Tensor, labels: Tensor, weights: Tensor) -> dict[str, Tensor]:
-        fused, _ = self.forward_train(images)
-        losses = self.multi_resolution_losses("mix", fused, labels, weights)
-        return {name: self.params.mix_weight * value for name, value in losses.items()}
+    def source_losses(self, context: StepContext) -> dict[str, Tensor]:
+        source = context.source
+        losses, context.source_logits, context.source_features = self.supervised_losses(
+            "source", source.image, source.label
+        )
+        if self.reference_encoder is not None:
+            # the reference encoder sees what the student's context branch saw
+            view = self.model.context_view(source.image)
+            losses["feature_distance"] = self.feature_distance_loss(view, source.label, context.source_features)
+        return losses

@@ -11,6 +11,10 @@ import torch
 
 from benchmark.formats import encode_gray_ids, encode_gta_label, encode_image, encode_synthia_label, write_bytes_atomic
 
+# The test tensors are tiny: intra-op threads gain nothing on them and, on a CPU shared with other
+# processes, spinning thread pools make each operator many times slower.
+torch.set_num_threads(1)
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 REAL_FORMAT = SHARED / "fixtures" / "real_format"
@@ -108,3 +112,23 @@ def data_root(tmp_path_factory) -> Path:
     generate.generate("cityscapes", root / "cityscapes", train=10, val=4, seed=0, workers=1, **TINY_SIZE)
     prepare.prepare("cityscapes", root / "cityscapes", select_fraction=0.2)
     return root
+
+
+def tiny_model():
+    """The smallest segmentor the methods train in tests: efficientvit_b0 with a 16-wide DAFormer head."""
+    from benchmark.classes import NUM_CLASSES
+    from benchmark.models import build_segmentor
+
+    torch.manual_seed(0)
+    return build_segmentor("efficientvit_b0", "daformer", NUM_CLASSES, 16)
+
+
+def two_class_batch(seed: int, size: int = 32):
+    """Two random images labelled road on the left half and car on the right (255 in the top rows)."""
+    from methods.base import Batch
+
+    generator = torch.Generator().manual_seed(seed)
+    label = torch.zeros(2, size, size, dtype=torch.long)
+    label[:, :, size // 2 :] = 13
+    label[:, :2] = 255
+    return Batch(torch.randn(2, 3, size, size, generator=generator), label)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import REPO
 
 from benchmark.classes import NUM_CLASSES
 from benchmark.config import ConfigError, load_yaml
@@ -13,9 +14,8 @@ from benchmark.models import build_segmentor
 from benchmark.profiles import resolve
 from benchmark.train import method_settings
 from methods.base import Batch
+from methods.daformer import StepContext
 from methods.hrda import HRDA, DetailBox, HRDAParams, HRDASegmentor, random_detail_box
-
-from conftest import REPO
 
 
 def _segmentor():
@@ -98,7 +98,7 @@ def test_fused_output_shape_and_gradients_reach_both_heads():
     assert fused.shape == (2, NUM_CLASSES, 16, 16)
     assert features[0].shape[-2:] == (8, 8)  # context view: 32 x 32 pixels at stride 4
     assert method.last_detail.logits.shape == (2, NUM_CLASSES, 8, 8)
-    losses = method.source_losses(Batch(images, labels))
+    losses = method.source_losses(StepContext(0, Batch(images, labels), Batch(images)))
     assert {"source_ce", "source_detail_ce"} <= set(losses)
     sum(losses.values()).backward()
     for head in (method.model.head, method.model.attention):

@@ -191,3 +191,39 @@ def test_cross_entropy_ignores_255_and_handles_an_empty_batch():
 
 def test_methods_package_registers_the_baselines():
     assert {"source_only", "target_oracle", "daformer", "hrda"} <= set(methods.registered())
+
+
+def test_contrastive_loss_by_hand():
+    from methods.components import contrastive_loss
+
+    e1, e2 = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
+    anchors = torch.stack([e1, e2, e1])
+    candidates = torch.stack([e1, e2, -e1, torch.tensor([0.6, 0.8])])
+    positives = torch.tensor([[1, 0, 0, 1], [0, 0, 0, 0], [1, 0, 0, 0]], dtype=torch.bool)
+    negatives = torch.tensor([[0, 1, 1, 0], [1, 0, 0, 0], [0, 0, 0, 0]], dtype=torch.bool)
+    # anchor 0 (tau = 1): positives s = 1 and 0.6, negatives s = 0 and -1; anchor 1 has no positive
+    # (left out); anchor 2 has a positive and no negative: -log(e^s / e^s) = 0
+    negative = math.log(math.exp(0) + math.exp(-1))
+    first = (math.log1p(math.exp(negative - 1)) + math.log1p(math.exp(negative - 0.6))) / 2
+    loss = contrastive_loss(anchors.requires_grad_(), candidates, positives, negatives, temperature=1.0)
+    assert loss.item() == pytest.approx((first + 0) / 2)
+    loss.backward()
+    assert torch.isfinite(anchors.grad).all() and anchors.grad[1].abs().sum() == 0
+    nothing = contrastive_loss(anchors, candidates, torch.zeros_like(positives), negatives, 1.0)
+    assert nothing.item() == 0.0 and nothing.requires_grad
+
+
+def test_projection_head_concatenates_levels_and_normalises():
+    from methods.components import ProjectionHead, concat_levels, labels_where_weighted
+
+    features = [torch.randn(2, 4, 8, 8), torch.randn(2, 6, 4, 4), torch.randn(2, 8, 2, 2)]
+    joined = concat_levels(features)
+    assert joined.shape == (2, 18, 8, 8) and torch.equal(joined[:, :4], features[0])
+    assert torch.allclose(joined[:, 4:10, ::2, ::2].mean(), features[1].mean(), atol=0.5)
+    head = ProjectionHead([4, 6, 8], out_channels=5)
+    embeddings = head(features)
+    assert embeddings.shape == (2, 5, 8, 8)
+    assert torch.allclose(embeddings.norm(dim=1), torch.ones(2, 8, 8), atol=1e-5)
+    labels = torch.tensor([[[1, 2], [3, 4]]])
+    weights = torch.tensor([[[0.5, 0.0], [1.0, 0.0]]])
+    assert labels_where_weighted(labels, weights).tolist() == [[[1, 255], [3, 255]]]

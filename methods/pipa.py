@@ -1,0 +1,242 @@
+"""PiPa (Chen et al., "PiPa: Pixel- and Patch-wise Self-supervised Learning for Domain Adaptative
+Semantic Segmentation", arXiv 2211.07609, 2022) as an add-on: ``daformer+pipa``, ``hrda+pipa``.
+
+What it adds to its base, per step (sec. 3.2-3.3), both terms InfoNCE with temperature tau = 0.1 on
+L2-normalised projections of the concatenated multi-level encoder features (``ProjectionHead``):
+
+- pixel-wise contrast (weight 0.1): a supervised contrast over pixel embeddings, same class =
+  positive, other classes = negatives (eq. 1),
+
+      L_pixel = mean_i 1/|P_i| sum_{p in P_i} -log( e^{z_i.z_p/tau} / (e^{z_i.z_p/tau} + sum_{n in N_i} e^{z_i.z_n/tau}) ),
+
+  on labelled source cells and, by default (the paper), pseudo-labelled target cells. The target cells
+  are those of the base's mixed batch, whose non-pasted pixels carry the teacher's pseudo-labels, so
+  the term needs no extra forward pass. Anchors are sampled per image and class, half "hard" (the
+  segmentation network predicts another class there) and half "easy" (predicted right);
+- patch-wise contrast (weight 0.1): two overlapping crops of each target image go through the network;
+  the embeddings of one location in the overlap are a positive pair, embeddings whose pseudo-label is
+  another class (in either crop) are the negatives (eq. 2-3, same form as above), symmetric in the two
+  crops.
+
+``pipa_as_released`` switches the patch term to the authors' released code: computed on the frozen
+EMA teacher's features, so its gradient trains only the projection head and never the segmentation
+network (a known defect). The released code also applies the pixel term to source cells only
+(``pipa_pixel_target: false``). The default is the paper: student features, gradients reach the
+network.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from benchmark.classes import IGNORE_INDEX, NUM_CLASSES
+from methods.base import AddOn, SearchRange, register_addon
+from methods.components import ProjectionHead, contrastive_loss, labels_where_weighted, majority_labels
+
+
+#: Where Optuna searches the weight of either term (the paper's 0.1 in the middle of the log range).
+CONTRAST_WEIGHTS = SearchRange(0.01, 1.0, log=True)
+
+
+@dataclass
+class PiPaParams:
+    #: Pixel-wise contrast: on, its weight, and on pseudo-labelled target cells too (the paper;
+    #: false: on source cells only, as the released code).
+    pipa_pixel: bool = True
+    pipa_pixel_weight: float = 0.1
+    pipa_pixel_target: bool = True
+    #: Patch-wise contrast: on, its weight, and as released (on frozen teacher features, so that only
+    #: the projection head learns from it).
+    pipa_patch: bool = True
+    pipa_patch_weight: float = 0.1
+    pipa_as_released: bool = False
+    #: Patch crops: their side as a fraction of the target crop (> 0.5, so the two overlap), each
+    #: colour-augmented on its own (the base's jitter and blur) so that the two views differ.
+    pipa_crop_fraction: float = 0.75
+    pipa_patch_augment: bool = True
+    #: Pixel anchors: at most this many per step, and this many per image and class.
+    pipa_max_anchors: int = 1024
+    pipa_views_per_class: int = 100
+    #: InfoNCE temperature of both terms, embedding width of the projection heads (null: the decode
+    #: head's width, as the released code's 256 with DAFormer's 256-wide head), and the share of a
+    #: feature cell's pixels a class needs to label the cell.
+    pipa_temperature: float = 0.1
+    pipa_projection_dim: int | None = None
+    pipa_label_min_ratio: float = 0.75
+
+    def __post_init__(self):
+        if not 0.5 < self.pipa_crop_fraction <= 1.0:
+            raise ValueError(f"pipa_crop_fraction must be in (0.5, 1], got {self.pipa_crop_fraction}")
+        if self.pipa_temperature <= 0:
+            raise ValueError(f"pipa_temperature must be > 0, got {self.pipa_temperature}")
+
+
+def hard_easy_anchors(
+    labels: Tensor, predictions: Tensor, max_anchors: int, views_per_class: int, generator: torch.Generator
+) -> Tensor:
+    """Anchor cells for the pixel contrast, sampled per image and class (Wang et al., ICCV 2021,
+    sec. 3.3, as PiPa uses it): v = min(max_anchors // #(image, class) pairs, views_per_class) cells
+    of each pair, half hard (predicted as another class) and half easy (predicted right), the other
+    kind filling in where one runs short.
+
+    labels, predictions: (B, n) per-image cells (labels with the ignore index) -> (K,) indices into
+    the flattened (B * n) cells.
+    """
+    pairs = [(b, int(c)) for b in range(labels.shape[0]) for c in labels[b].unique() if c != IGNORE_INDEX]
+    if not pairs:
+        return torch.zeros(0, dtype=torch.long)
+    views = max(1, min(max_anchors // len(pairs), views_per_class))
+    chosen = []
+    for b, c in pairs:
+        cells = (labels[b] == c).nonzero().flatten()
+        right = predictions[b, cells] == c
+        hard, easy = cells[~right], cells[right]
+        n_hard = min(len(hard), views // 2)
+        n_easy = min(len(easy), views - n_hard)
+        n_hard = min(len(hard), views - n_easy)
+        for group, n in ((hard, n_hard), (easy, n_easy)):
+            chosen.append(b * labels.shape[1] + group[torch.randperm(len(group), generator=generator)[:n]])
+    return torch.cat(chosen)
+
+
+def overlapping_crops(height: int, width: int, fraction: float, stride: int, batch: int, generator: torch.Generator):
+    """Two crops per image, each ``fraction`` of the side (a multiple of ``stride``), at offsets that
+    are multiples of ``stride`` so that overlapping locations fall on the same feature cells.
+
+    Returns the crop size (h, w) and the top-left corners (B, 2, 2) as [image, crop, (y, x)]."""
+    size = [max(stride, int(fraction * side) // stride * stride) for side in (height, width)]
+    corners = torch.stack(
+        [
+            torch.randint(0, (side - crop) // stride + 1, (batch, 2), generator=generator) * stride
+            for side, crop in zip((height, width), size)
+        ],
+        dim=-1,
+    )
+    return tuple(size), corners
+
+
+def overlap_pairs(corners: Tensor, size: tuple[int, int], stride: int) -> tuple[Tensor, Tensor]:
+    """Flattened feature-cell indices of the same image location in crop 1 and crop 2.
+
+    corners: (B, 2, 2) from ``overlapping_crops``; cells are indexed over the (2B, h, w) stack
+    [crop 1 of every image, crop 2 of every image] -> (K,), (K,) with cell a in crop 1 = cell b in crop 2."""
+    batch = corners.shape[0]
+    h, w = size[0] // stride, size[1] // stride
+    first, second = [], []
+    for b in range(batch):
+        shift = ((corners[b, 1] - corners[b, 0]) // stride).tolist()  # crop 2 relative to crop 1, in cells
+        rows = torch.arange(max(0, shift[0]), min(h, h + shift[0]))
+        cols = torch.arange(max(0, shift[1]), min(w, w + shift[1]))
+        r, c = torch.meshgrid(rows, cols, indexing="ij")
+        first.append(((b * h + r) * w + c).flatten())
+        second.append((((batch + b) * h + r - shift[0]) * w + c - shift[1]).flatten())
+    return torch.cat(first), torch.cat(second)
+
+
+def patch_contrast(embeddings: Tensor, labels: Tensor, first: Tensor, second: Tensor, temperature: float) -> Tensor:
+    """PiPa's patch-wise contrast (eq. 2-3): each overlap cell of one crop is an anchor whose positive
+    is the same location in the other crop and whose negatives are all cells (both crops) with
+    another pseudo-label; symmetric in the two crops. Anchors without a pseudo-label are left out.
+
+    embeddings: (2B, D, h, w) unit embeddings of [crops 1, crops 2]; labels: (2B, h, w) pseudo-labels
+    of the same cells (ignore index allowed); first, second: (K,) paired cell indices."""
+    rows = embeddings.permute(0, 2, 3, 1).reshape(-1, embeddings.shape[1])
+    labels = labels.reshape(-1)
+    anchors = torch.cat([first, second])
+    partners = torch.cat([second, first])
+    anchor_labels = labels[anchors]
+    valid = anchor_labels != IGNORE_INDEX
+    positives = torch.zeros(len(anchors), len(rows), dtype=torch.bool, device=rows.device)
+    positives[torch.arange(len(anchors)), partners] = True
+    positives &= valid[:, None]
+    negatives = (labels[None] != anchor_labels[:, None]) & (labels != IGNORE_INDEX)[None] & valid[:, None]
+    return contrastive_loss(rows[anchors], rows, positives, negatives, temperature)
+
+
+@register_addon
+class PiPa(AddOn):
+    """Pixel and patch contrast on top of a self-training base; two projection heads (module docstring)."""
+
+    name = "pipa"
+    Params = PiPaParams
+    search_space = {"pipa_pixel_weight": CONTRAST_WEIGHTS, "pipa_patch_weight": CONTRAST_WEIGHTS}
+    bases = ("daformer", "hrda")
+
+    def __init__(self, model, params=None, seed: int = 0, total_steps: int | None = None):
+        super().__init__(model, params, seed, total_steps)
+        p = self.params
+        width = p.pipa_projection_dim or self.model.head.embed_dim
+        self.pipa_pixel_projection = ProjectionHead(self.model.channels, width) if p.pipa_pixel else None
+        self.pipa_patch_projection = ProjectionHead(self.model.channels, width) if p.pipa_patch else None
+
+    def addon_losses(self, context) -> dict[str, Tensor]:
+        losses = super().addon_losses(context)
+        p = self.params
+        if p.pipa_pixel:
+            losses["pipa_pixel"] = p.pipa_pixel_weight * self.pipa_pixel_loss(context)
+        if p.pipa_patch:
+            losses["pipa_patch"] = p.pipa_patch_weight * self.pipa_patch_loss(context)
+        return losses
+
+    def pipa_pixel_loss(self, context) -> Tensor:
+        """Pixel contrast over the source batch and (``pipa_pixel_target``) the mixed batch."""
+        p = self.params
+        batches = [(context.source_features, context.source.label, context.source_logits)]
+        if p.pipa_pixel_target:
+            mixed_labels = labels_where_weighted(context.mixed_labels, context.mixed_weights)
+            batches.append((context.mixed_features, mixed_labels, context.mixed_logits))
+        embeddings, labels, predictions = [], [], []
+        for features, label, logits in batches:
+            embedding = self.pipa_pixel_projection(features)
+            size = embedding.shape[-2:]
+            embeddings.append(embedding)
+            labels.append(majority_labels(label, size, NUM_CLASSES, p.pipa_label_min_ratio).flatten(1))
+            logits = logits.detach()
+            if logits.shape[-2:] != size:
+                logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+            predictions.append(logits.argmax(dim=1).flatten(1))
+        embedding = torch.cat(embeddings)
+        labels = torch.cat(labels)
+        index = hard_easy_anchors(labels, torch.cat(predictions), p.pipa_max_anchors, p.pipa_views_per_class, self.generator)
+        rows = embedding.permute(0, 2, 3, 1).reshape(-1, embedding.shape[1])[index]
+        classes = labels.reshape(-1)[index]
+        same = classes[:, None] == classes[None]
+        positives = same & ~torch.eye(len(classes), dtype=torch.bool, device=same.device)
+        return contrastive_loss(rows, rows, positives, ~same, p.pipa_temperature)
+
+    def pipa_patch_loss(self, context) -> Tensor:
+        """Patch contrast between two overlapping crops of each target image, pseudo-labelled by the
+        teacher's labels of the whole image (cells of weight 0 unlabelled)."""
+        p = self.params
+        images = context.target.image
+        batch, _, height, width = images.shape
+        stride = self.model.reductions[0]
+        size, corners = overlapping_crops(height, width, p.pipa_crop_fraction, stride, batch, self.generator)
+        crops, crop_labels = [], []
+        pseudo = labels_where_weighted(context.pseudo_labels, context.pseudo_weights)
+        for k in range(2):
+            for b in range(batch):
+                y, x = corners[b, k].tolist()
+                crops.append(images[b, :, y : y + size[0], x : x + size[1]])
+                crop_labels.append(pseudo[b, y : y + size[0], x : x + size[1]])
+        crops = torch.stack(crops)
+        if p.pipa_patch_augment:
+            crops = self.augment(crops)
+        if p.pipa_as_released:
+            features = self.teacher_features(crops)
+        else:
+            features = self.student_features(crops)
+        embeddings = self.pipa_patch_projection(features)
+        cells = (size[0] // stride, size[1] // stride)
+        if tuple(embeddings.shape[-2:]) != cells:
+            raise RuntimeError(
+                f"pipa: crops of {size} gave a {tuple(embeddings.shape[-2:])} feature grid, expected {cells} "
+                f"(feature stride {stride}); the base's student_features must keep the finest stride"
+            )
+        labels = majority_labels(torch.stack(crop_labels), cells, NUM_CLASSES, p.pipa_label_min_ratio)
+        first, second = overlap_pairs(corners, size, stride)
+        return patch_contrast(embeddings, labels, first, second, p.pipa_temperature)
