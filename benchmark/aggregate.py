@@ -714,7 +714,29 @@ def leaderboard_latex(board: pd.DataFrame) -> str:
             out.append(" & ".join(cells) + " \\\\")
         out.append("\\bottomrule")
         out.append("\\end{tabular}")
+        out += per_class_latex(rows)
     return "\n".join(out) + "\n"
+
+
+def per_class_latex(rows: pd.DataFrame) -> list[str]:
+    """Methods as rows, the protocol's classes as columns (the layout of the papers' tables)."""
+    classes = protocol_classes(rows["protocol"].iloc[0])
+    ranked = rows[~rows["upper_bound"]]
+    best = {name: set(best_rows(ranked[name])) for name in classes}
+    out = [f"% {rows['benchmark'].iloc[0]}: per-class target-test IoU (%), mean over seeds; bold: best without target labels"]
+    out.append("\\begin{tabular}{l" + "r" * len(classes) + "}")
+    out.append("\\toprule")
+    out.append(" & ".join(["Method", *[_tex(name) for name in classes]]) + " \\\\")
+    out.append("\\midrule")
+    for index, row in rows.iterrows():
+        cells = [_tex(_method_label(row))]
+        for name in classes:
+            text = _fmt(row[name], 1)
+            cells.append("--" if text == "—" else (f"\\textbf{{{text}}}" if index in best[name] else text))
+        out.append(" & ".join(cells) + " \\\\")
+    out.append("\\bottomrule")
+    out.append("\\end{tabular}")
+    return out
 
 
 def ablations_latex(table: pd.DataFrame) -> str:

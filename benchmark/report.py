@@ -24,6 +24,7 @@ import matplotlib
 matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt
+import numpy as np
 import pandas as pd
 import seaborn as sns
 
@@ -62,6 +63,17 @@ def headline(protocol: str) -> str:
     return protocol_metrics(protocol)[0]
 
 
+def _stripplot(**kwargs) -> None:
+    """``sns.stripplot`` with a fixed jitter: seaborn draws it from NumPy's global generator, and
+    figures must be byte-identical when the records are (DVC sees a changed output otherwise)."""
+    state = np.random.get_state()
+    np.random.seed(0)
+    try:
+        sns.stripplot(**kwargs)
+    finally:
+        np.random.set_state(state)
+
+
 def _png(figure) -> bytes:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=130, bbox_inches="tight")
@@ -96,7 +108,7 @@ def figure_miou(frame: pd.DataFrame, board: pd.DataFrame):
         metric = headline(runs["protocol"].iloc[0])
         order = _method_order(board, benchmark)
         sns.barplot(data=runs, x="method", y=metric, order=order, errorbar="sd", capsize=0.15, color="#9ecae1", edgecolor="#3a6d8c", err_kws={"linewidth": 1.2}, ax=ax)
-        sns.stripplot(data=runs, x="method", y=metric, order=order, color="#08306b", size=4, jitter=0.12, ax=ax)
+        _stripplot(data=runs, x="method", y=metric, order=order, color="#08306b", size=4, jitter=0.12, ax=ax)
         rows = board[board["benchmark"] == benchmark].set_index("method")
         for position, method in enumerate(order):
             ax.annotate(f"{rows.loc[method, f'{metric}_mean']:.1f}", (position, 0), xytext=(0, 3), textcoords="offset points", ha="center", va="bottom", fontsize=8, color="#08306b")
@@ -187,7 +199,7 @@ def figure_ablations(deltas: pd.DataFrame):
             negative = values.mean() < 0
             ax.annotate(f"{values.mean():+.2f}{spread} (n={len(values)})", (0, position), xytext=(-4 if negative else 4, 0), textcoords="offset points", ha="right" if negative else "left", va="center", fontsize=8)
         sns.barplot(data=rows, y="variant", x="delta", order=order, errorbar="sd", capsize=0.15, color="#fdae6b", edgecolor="#a63603", err_kws={"linewidth": 1.2}, ax=ax)
-        sns.stripplot(data=rows, y="variant", x="delta", order=order, color="#7f2704", size=4, jitter=0.1, ax=ax)
+        _stripplot(data=rows, y="variant", x="delta", order=order, color="#7f2704", size=4, jitter=0.1, ax=ax)
         ax.axvline(0, color="black", linewidth=0.8)
         ax.set_title(f"{benchmark}: ablation vs full method")
         ax.set_xlabel(f"Δ target-test {METRIC_LABELS[metric]} (variant - full, paired by seed)")

@@ -138,3 +138,13 @@ def test_report_from_the_frame_file_equals_report_from_the_records(tmp_path):
     assert report.main(["--frame", str(tmp_path / "agg" / "aggregate.json"), "--out", str(tmp_path / "a"), "--cost", str(tmp_path / "none.csv")]) == 0
     direct = report.build_report(aggregate.collect(RECORDS), tmp_path / "figures", tmp_path / "none.csv")[0]
     assert (tmp_path / "a" / "REPORT.md").read_text() == direct
+
+
+def test_figures_are_byte_identical_across_runs(tmp_path, golden):
+    collection, _ = golden
+    for name in ("a", "b"):
+        report.write_report(collection, tmp_path / name, tmp_path / "cost.csv")
+    figures = sorted(p.name for p in (tmp_path / "a" / "figures").glob("*.png"))
+    assert figures
+    for figure in figures:
+        assert (tmp_path / "a" / "figures" / figure).read_bytes() == (tmp_path / "b" / "figures" / figure).read_bytes()
