@@ -105,6 +105,9 @@ class ProfileConfig:
     log_interval: int = 10
     #: Data loader worker processes (0: load in the training process).
     workers: int = 0
+    #: CPU threads of the training process (0: torch's default). CPU results depend on the thread count
+    #: (reduction order), so a profile that promises the same figures on every machine fixes it.
+    threads: int = 0
 
 
 @dataclass
@@ -181,6 +184,8 @@ def _validate(run: RunConfig, processes: int = 1) -> None:
         f"{prefix}.optim.batch_size: {optim.batch_size} images per step (all processes together) do not split "
         f"over {processes} processes; use a multiple of {processes}",
     )
+
+    _check(settings.threads >= 0, f"{prefix}.threads must be >= 0 (0: torch's default), got {settings.threads}")
 
     evaluation = settings.eval
     _check(evaluation.mode in ("whole", "sliding"), f"{prefix}.eval.mode: {evaluation.mode!r} is not whole or sliding")

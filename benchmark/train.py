@@ -172,6 +172,7 @@ def warm_start_path(run: RunConfig, directory: Path = WARM_START_DIR) -> Path:
     warm = warm_start_config(run)
     depends_on = {
         "seed": run.seed,
+        "threads": run.settings.threads,
         "model": to_mapping(warm.settings.model),
         "optim": to_mapping(warm.settings.optim),
         "data": to_mapping(run.data),
@@ -237,6 +238,8 @@ def _train_steps(
     """
     world = world or World()
     started = time.perf_counter() if started is None else started
+    if run.settings.threads > 0:
+        torch.set_num_threads(run.settings.threads)
     torch.manual_seed(run.seed)
     method_cls = method_class(run.method)
     params = method_params(run)
@@ -460,6 +463,7 @@ def train(
         "benchmark": run.benchmark,
         "method": run.method,
         "seed": run.seed,
+        "threads": torch.get_num_threads(),  # CPU figures depend on it
         "profile": run.profile,
         "per_class_iou": {name: _clean(per_class[name]) for name in CLASSES},
         **{name: _clean(value) for name, value in protocol_mious(per_class, run.data.protocol).items()},

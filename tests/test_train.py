@@ -49,6 +49,7 @@ def test_learning_rate_schedule_is_warmup_then_linear_decay():
         (["warm_start.steps=-1"], "daformer", "mini-gta2cs", "profiles.tiny.warm_start.steps must be >= 0"),
         (["log_interval=0"], "daformer", "mini-gta2cs", "profiles.tiny.log_interval must be > 0, got 0"),
         (["checkpoint_interval=-1"], "daformer", "mini-gta2cs", "profiles.tiny.checkpoint_interval must be >= 0 (0: never)"),
+        (["threads=-1"], "daformer", "mini-gta2cs", "profiles.tiny.threads must be >= 0"),
         (["workers=two"], "daformer", "mini-gta2cs", "profiles.tiny.workers: expected int, got str 'two'"),
         (["optim=5"], "daformer", "mini-gta2cs", "profiles.tiny.optim: expected a mapping, got 5"),
         (["optim.steps"], "daformer", "mini-gta2cs", "override 'optim.steps' is not of the form key.path=value"),
