@@ -16,10 +16,11 @@ import yaml
 from optuna.trial import TrialState
 
 import tune_worker
-from benchmark import generate, prepare, train, tune
+from benchmark import train, tune
 from benchmark.config import ConfigError, load_yaml
 from methods import method_class
 
+import conftest
 from conftest import REPO
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -139,40 +140,14 @@ def test_a_study_is_never_extended_with_trials_of_another_configuration(tmp_path
 
 
 @pytest.fixture(scope="module")
-def tiny_params(tmp_path_factory):
-    root = tmp_path_factory.mktemp("mini")
-    size = {"height": 64, "width": 128}
-    generate.generate("gta", root / "gta", count=8, seed=0, workers=1, **size)
-    prepare.prepare("gta", root / "gta")
-    generate.generate("cityscapes", root / "cityscapes", train=10, val=4, seed=0, workers=1, **size)
-    prepare.prepare("cityscapes", root / "cityscapes", select_fraction=0.2)
-    params = {
-        "profile": "tiny",
-        "profiles": {
-            "tiny": {
-                "model": {"encoder": "efficientvit_b0", "head": "daformer", "embed_dim": 16},
-                "optim": {"lr": 1e-3, "warmup_steps": 2, "steps": 4, "batch_size": 2},
-                "warm_start": {"steps": 0},
-                "eval": {"batch_size": 4, "interval": 2},
-                "checkpoint_interval": 0,
-                "log_interval": 1,
-            }
-        },
-        "benchmarks": {
-            "mini-gta2cs": {
-                "protocol": "gta2cs",
-                "source": {"family": "gta", "root": str(root / "gta"), "scale": [48, 96]},
-                "target": {"family": "cityscapes", "root": str(root / "cityscapes"), "scale": [32, 64]},
-                "crop": [32, 32],
-                "test_scale": [32, 64],
-                "rcs_min_pixels": 4,
-                "cache": True,
-            }
-        },
-        "methods": {"daformer": {"pseudo_threshold": 0.9}},
-        "tune": {"trials": 3, "startup_trials": 2, "sampler_seed": 0},
-    }
-    path = root / "params.yaml"
+def tiny_params(data_root, tmp_path_factory):
+    """The shared tiny parameter file (conftest), without warm start or checkpoints, with a tune section."""
+    params = conftest.tiny_params(data_root)
+    profile = params["profiles"]["tiny"]
+    profile["warm_start"], profile["checkpoint_interval"] = {"steps": 0}, 0
+    params["methods"] = {"daformer": {"pseudo_threshold": 0.9}}
+    params["tune"] = {"trials": 3, "startup_trials": 2, "sampler_seed": 0}
+    path = tmp_path_factory.mktemp("tune_params") / "params.yaml"
     path.write_text(yaml.safe_dump(params))
     return path
 
