@@ -10,7 +10,8 @@ interleaved, alternating which one goes first, so that load on the machine from 
 of them alike. A step is the loop's work per iteration once its batches are drawn: the method's
 losses, backward, the optimiser step and the EMA update; drawing the batches is timed apart
 (``benchmark/cost.py`` reports it as the data loader's share). The models keep their initial weights
-(the step's cost does not depend on them). Prints every method's median step time and its ratio to the
+(the step's cost does not depend on them); their steps are numbered from the middle of the
+run on, where every loss term is active. Prints every method's median step time and its ratio to the
 first method's.
 """
 
@@ -30,7 +31,15 @@ from tqdm import tqdm
 from benchmark.config import ConfigError
 from benchmark.distributed import World
 from benchmark.profiles import method_params, resolve
-from benchmark.train import REPO, _batches, _on_device, build_model, build_optimizer, method_settings, training_data
+from benchmark.train import (
+    REPO,
+    _batches,
+    _on_device,
+    build_model,
+    build_optimizer,
+    method_settings,
+    training_data,
+)
 from methods import Method, method_class
 
 
@@ -44,6 +53,8 @@ class Contender:
     source_batches: Iterator
     target_batches: Iterator
     device: torch.device
+    #: The step number of the first timed round (mid-run, see ``build_contenders``).
+    first_step: int = 0
 
 
 def build_contenders(
@@ -55,7 +66,9 @@ def build_contenders(
     overrides: list[str] | None = None,
     device: torch.device | None = None,
 ) -> list[Contender]:
-    """Every method of ``methods`` built as ``train.py`` builds it, at its initial weights."""
+    """Every method of ``methods`` built as ``train.py`` builds it, at its initial weights. Its
+    steps are numbered from the middle of its run on, where every loss term is active (SePiCo's
+    contrast starts after 7.5% of the run) and the step is the one the run mostly takes."""
     world = World() if device is None else World(device=device)
     contenders = []
     for name in methods:
@@ -74,6 +87,7 @@ def build_contenders(
                 _batches(source, source_sampler, run.settings, 0, world),
                 _batches(target, target_sampler, run.settings, 0, world),
                 world.device,
+                run.settings.optim.steps // 2,
             )
         )
     return contenders
@@ -84,8 +98,10 @@ def _synchronise(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed_step(contender: Contender, step: int) -> tuple[float, float]:
-    """One training iteration of ``contender``: seconds drawing its batches, seconds of its step."""
+def timed_step(contender: Contender, index: int) -> tuple[float, float]:
+    """One training iteration of ``contender`` (step ``first_step + index`` of its run): seconds
+    drawing its batches, seconds of its step."""
+    step = contender.first_step + index
     _synchronise(contender.device)
     started = time.perf_counter()
     source = _on_device(next(contender.source_batches), contender.device)
