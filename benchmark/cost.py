@@ -9,7 +9,8 @@ elsewhere falls on all of them alike; the ratios are the robust figures, absolut
 machine's load. Per method (one row of ``results/cost.csv``):
 
 - ``step_time_s``: median seconds of a training iteration, drawing the batches included;
-  ``ratio_to_daformer``: its ratio to daformer's (empty when daformer is not measured);
+  ``ratio_to_daformer``: the median over rounds of its iteration time over daformer's in the same
+  round (paired, so a slow stretch of the machine cancels; empty when daformer is not measured);
   ``data_time_s``: median seconds drawing the batches; ``data_share``: total drawing time over total
   iteration time.
 - ``flops_per_step``: floating-point operations of one step (forward, backward; counted by
@@ -161,9 +162,14 @@ def measure_cost(
                 "peak_memory_mb": peaks[name],
             }
         )
-    reference = next((row["step_time_s"] for row in rows if row["method"] == "daformer"), None)
+    reference = [a + b for a, b in zip(data_s["daformer"], step_s["daformer"])] if "daformer" in methods else None
     for row in rows:
-        row["ratio_to_daformer"] = row["step_time_s"] / reference if reference else None
+        if reference is None:
+            row["ratio_to_daformer"] = None
+            continue
+        iterations = [a + b for a, b in zip(data_s[row["method"]], step_s[row["method"]])]
+        # paired by round: both steps of a round ran under the same load from elsewhere
+        row["ratio_to_daformer"] = statistics.median(t / r for t, r in zip(iterations, reference))
     return rows
 
 
