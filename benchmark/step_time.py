@@ -3,13 +3,16 @@
     python benchmark/step_time.py --benchmark mini-gta2cs --methods daformer hrda
     python benchmark/step_time.py --benchmark mini-gta2cs --methods daformer hrda --steps 20 --warmup 3
 
-Each method is built as the training loop builds it, at its own data scales (HRDA draws its crops at
-twice the benchmark's resolution), and takes ``--warmup`` untimed and ``--steps`` timed steps. The
-methods' steps are interleaved, alternating which one goes first, so that load on the machine from
-elsewhere falls on all of them alike. A step is the loop's work per iteration once its batches are
-drawn: the method's losses, backward, the optimiser step and the EMA update. Batches are drawn
-beforehand, so data loading is not timed, and the models keep their initial weights (the step's cost
-does not depend on them). Prints every method's median step time and its ratio to the first method's.
+Each method is built as the training loop builds it (``benchmark/train.py``: its data at the method's
+own scales, so HRDA draws its crops at twice the benchmark's resolution; its samplers, loaders and
+optimiser), and takes ``--warmup`` untimed and ``--steps`` timed steps. The methods' steps are
+interleaved, alternating which one goes first, so that load on the machine from elsewhere falls on all
+of them alike. A step is the loop's work per iteration once its batches are drawn: the method's
+losses, backward, the optimiser step and the EMA update; drawing the batches is timed apart
+(``benchmark/cost.py`` reports it as the data loader's share). The models keep their initial weights
+(the step's cost does not depend on them); their steps are numbered from the middle of the
+run on, where every loss term is active. Prints every method's median step time and its ratio to the
+first method's.
 """
 
 from __future__ import annotations
@@ -18,40 +21,108 @@ import argparse
 import statistics
 import sys
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from benchmark.config import ConfigError
-from benchmark.data import Augment, InfiniteSampler, SegmentationDataset
-from benchmark.profiles import RunConfig, method_params, resolve
-from benchmark.train import REPO, build_model, method_settings
-from methods import Batch, method_class
+from benchmark.distributed import World
+from benchmark.profiles import method_params, resolve
+from benchmark.train import (
+    REPO,
+    _batches,
+    _on_device,
+    build_model,
+    build_optimizer,
+    method_settings,
+    training_data,
+)
+from methods import Method, method_class
 
 
-def _batches(run: RunConfig, with_target_labels: bool, count: int) -> list[tuple[Batch, Batch]]:
-    """``count`` (source, target) batches of the run's crops, uniformly sampled."""
-    data, size = run.data, run.settings.optim.batch_size
-    domains = [
-        SegmentationDataset(data.source.root, "source_train", augment=Augment(scale=data.source.scale, crop=data.crop)),
-        SegmentationDataset(
-            data.target.root,
-            "target_train",
-            with_labels=with_target_labels,
-            augment=Augment(scale=data.target.scale, crop=data.crop),
-        ),
-    ]
-    requests = [iter(InfiniteSampler(len(dataset), run.seed + i)) for i, dataset in enumerate(domains)]
-    batches = []
-    for _ in range(count):
-        pair = []
-        for dataset, stream in zip(domains, requests):
-            items = [dataset[next(stream)] for _ in range(size)]
-            labels = torch.stack([item["label"] for item in items]) if "label" in items[0] else None
-            pair.append(Batch(torch.stack([item["image"] for item in items]), labels))
-        batches.append(tuple(pair))
-    return batches
+@dataclass
+class Contender:
+    """One method as the training loop runs it: its optimiser and its two batch streams."""
+
+    name: str
+    method: Method
+    optimizer: torch.optim.Optimizer
+    source_batches: Iterator
+    target_batches: Iterator
+    device: torch.device
+    #: The step number of the first timed round (mid-run, see ``build_contenders``).
+    first_step: int = 0
+
+
+def build_contenders(
+    params: dict | Path | str,
+    benchmark: str,
+    methods: list[str],
+    seed: int = 0,
+    profile: str | None = None,
+    overrides: list[str] | None = None,
+    device: torch.device | None = None,
+) -> list[Contender]:
+    """Every method of ``methods`` built as ``train.py`` builds it, at its initial weights. Its
+    steps are numbered from the middle of its run on, where every loss term is active (SePiCo's
+    contrast starts after 7.5% of the run) and the step is the one the run mostly takes."""
+    world = World() if device is None else World(device=device)
+    contenders = []
+    for name in methods:
+        run = method_settings(resolve(params, benchmark, name, seed, profile, overrides))
+        method_cls, hyper = method_class(name), method_params(run)
+        source, source_sampler, target, target_sampler = training_data(run, method_cls.uses_target_labels, hyper)
+        torch.manual_seed(seed)
+        model = build_model(run)
+        method = method_cls(model, hyper, seed=seed, total_steps=run.settings.optim.steps).to(world.device)
+        method.train()
+        contenders.append(
+            Contender(
+                name,
+                method,
+                build_optimizer(method, run.settings),
+                _batches(source, source_sampler, run.settings, 0, world),
+                _batches(target, target_sampler, run.settings, 0, world),
+                world.device,
+                run.settings.optim.steps // 2,
+            )
+        )
+    return contenders
+
+
+def _synchronise(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed_step(contender: Contender, index: int) -> tuple[float, float]:
+    """One training iteration of ``contender`` (step ``first_step + index`` of its run): seconds
+    drawing its batches, seconds of its step."""
+    step = contender.first_step + index
+    _synchronise(contender.device)
+    started = time.perf_counter()
+    source = _on_device(next(contender.source_batches), contender.device)
+    target = _on_device(next(contender.target_batches), contender.device)
+    _synchronise(contender.device)
+    drawn = time.perf_counter()
+    losses = contender.method.step(source, target, step)
+    contender.optimizer.zero_grad(set_to_none=True)
+    sum(losses.values()).backward()
+    contender.optimizer.step()
+    if contender.method.teacher is not None:
+        contender.method.teacher.update(contender.method.model, step)
+    _synchronise(contender.device)
+    return drawn - started, time.perf_counter() - drawn
+
+
+def interleaved(contenders: list[Contender], rounds: int, progress: bool = True, description: str = "step time"):
+    """``(round, contender)`` for every round and contender, the order reversed every other round."""
+    for step in tqdm(range(rounds), desc=description, disable=None if progress else True, leave=False):
+        for contender in contenders if step % 2 == 0 else contenders[::-1]:
+            yield step, contender
 
 
 def measure(
@@ -68,32 +139,12 @@ def measure(
     """Seconds of each of ``steps`` timed training steps per method, after ``warmup`` untimed ones."""
     if steps < 1 or warmup < 0:
         raise ValueError(f"need steps >= 1 and warmup >= 0, got steps={steps}, warmup={warmup}")
-    contenders = []
-    for name in methods:
-        run = method_settings(resolve(params, benchmark, name, seed, profile, overrides))
-        method_cls = method_class(name)
-        torch.manual_seed(seed)
-        method = method_cls(build_model(run), method_params(run), seed=seed)
-        method.train()
-        optimizer = torch.optim.AdamW(
-            [{"params": group["params"]} for group in method.parameter_groups() if group["params"]],
-            lr=run.settings.optim.lr,
-            weight_decay=run.settings.optim.weight_decay,
-        )
-        contenders.append((name, method, optimizer, _batches(run, method_cls.uses_target_labels, warmup + steps)))
+    contenders = build_contenders(params, benchmark, methods, seed, profile, overrides)
     times: dict[str, list[float]] = {name: [] for name in methods}
-    for step in tqdm(range(warmup + steps), desc="step time", disable=None if progress else True, leave=False):
-        for name, method, optimizer, batches in contenders if step % 2 == 0 else contenders[::-1]:
-            source, target = batches[step]
-            started = time.perf_counter()
-            losses = method.step(source, target, step)
-            optimizer.zero_grad(set_to_none=True)
-            sum(losses.values()).backward()
-            optimizer.step()
-            if method.teacher is not None:
-                method.teacher.update(method.model, step)
-            if step >= warmup:
-                times[name].append(time.perf_counter() - started)
+    for step, contender in interleaved(contenders, warmup + steps, progress):
+        _, seconds = timed_step(contender, step)
+        if step >= warmup:
+            times[contender.name].append(seconds)
     return times
 
 

@@ -1,0 +1,235 @@
+"""The measured cost of every method: step time, FLOPs, utilisation, memory, data loading.
+
+    python benchmark/cost.py                                   # every registered method, mini-gta2cs
+    python benchmark/cost.py --methods daformer hrda --steps 10 --warmup 2 --threads 2
+
+All methods live in one process and their training steps are interleaved (``benchmark/step_time.py``,
+which builds each method, its loaders and optimiser as ``train.py`` does), so load on the machine from
+elsewhere falls on all of them alike; the ratios are the robust figures, absolute times vary with the
+machine's load. Per method (one row of ``results/cost.csv``):
+
+- ``step_time_s``: median seconds of a training iteration, drawing the batches included;
+  ``ratio_to_daformer``: the median over rounds of its iteration time over daformer's in the same
+  round (paired, so a slow stretch of the machine cancels; empty when daformer is not measured);
+  ``data_time_s``: median seconds drawing the batches; ``data_share``: total drawing time over total
+  iteration time.
+- ``flops_per_step``: floating-point operations of one step (forward, backward; counted by
+  ``torch.utils.flop_counter.FlopCounterMode``, which counts matrix products and convolutions, the
+  bulk of the work; the optimiser's element-wise updates are not counted).
+- ``achieved_flops``: ``flops_per_step / step_time_s``; ``peak_flops``: the best FLOP/s of a square
+  float32 matrix product of ``--matmul-size`` on the same device and threads, timed once per round
+  between the methods' steps (the same load); ``utilisation``: their ratio.
+- ``peak_memory_mb``: the process's peak memory during the method's steps: resident set size on the
+  CPU (the high-water mark reset before each step through ``/proc/self/clear_refs`` where Linux offers
+  it, so it is this method's peak, including what the other methods keep resident), memory allocated
+  by tensors on a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from benchmark.config import ConfigError
+from benchmark.formats import DatasetFormatError, write_bytes_atomic
+from benchmark.profiles import resolve
+from benchmark.step_time import Contender, build_contenders, interleaved, timed_step
+from benchmark.train import REPO
+from methods import registered
+
+COLUMNS = [
+    "method", "benchmark", "profile", "device", "threads", "steps", "step_time_s", "ratio_to_daformer",
+    "data_time_s", "data_share", "flops_per_step", "achieved_flops", "peak_flops", "utilisation", "peak_memory_mb",
+]
+DEFAULT_OUT = REPO / "results" / "cost.csv"
+_CLEAR_REFS = Path("/proc/self/clear_refs")
+_STATUS = Path("/proc/self/status")
+
+
+def matmul_flops(device: torch.device, size: int = 1024) -> float:
+    """FLOP/s of one ``size`` x ``size`` float32 matrix product (2 size^3 operations) on ``device``."""
+    generator = torch.Generator().manual_seed(0)
+    left, right = (torch.randn(size, size, generator=generator).to(device) for _ in range(2))
+    left @ right  # the first product pays for allocation and kernel selection
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    started = time.perf_counter()
+    left @ right
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return 2 * size**3 / (time.perf_counter() - started)
+
+
+def step_flops(contender: Contender, step: int) -> int:
+    """Floating-point operations of one training step of ``contender`` (it takes the step)."""
+    with FlopCounterMode(display=False) as counter:
+        timed_step(contender, step)
+    return counter.get_total_flops()
+
+
+class PeakMemory:
+    """The process's peak memory over a stretch of work, in MiB (see the module docstring)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.resettable = device.type == "cpu" and _CLEAR_REFS.exists() and _STATUS.exists()
+
+    def reset(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        elif self.resettable:
+            _CLEAR_REFS.write_text("5")  # Linux >= 4.0: reset the resident-set high-water mark
+
+    def read(self) -> float:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) / 2**20
+        if self.resettable:
+            line = next(line for line in _STATUS.read_text().splitlines() if line.startswith("VmHWM:"))
+            return int(line.split()[1]) / 1024
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux; since start
+
+
+def measure_cost(
+    params: dict | Path | str,
+    benchmark: str,
+    methods: list[str],
+    steps: int = 20,
+    warmup: int = 3,
+    seed: int = 0,
+    profile: str | None = None,
+    overrides: list[str] | None = None,
+    matmul_size: int = 1024,
+    device: torch.device | None = None,
+    progress: bool = True,
+) -> list[dict]:
+    """One row of ``COLUMNS`` per method of ``methods``, in that order."""
+    if steps < 1 or warmup < 0:
+        raise ValueError(f"need steps >= 1 and warmup >= 0, got steps={steps}, warmup={warmup}")
+    if len(set(methods)) != len(methods) or not methods:
+        raise ValueError(f"need distinct methods, got {methods}")
+    run = resolve(params, benchmark, methods[0], seed, profile, overrides)
+    contenders = build_contenders(params, benchmark, methods, seed, profile, overrides, device)
+    device = contenders[0].device
+    memory = PeakMemory(device)
+    data_s = {name: [] for name in methods}
+    step_s = {name: [] for name in methods}
+    peaks = {name: 0.0 for name in methods}
+    flops: dict[str, int] = {}
+    peak_flops = 0.0
+    last_round = -1
+    for step, contender in interleaved(contenders, warmup + steps, progress, description="cost"):
+        if step != last_round:
+            last_round = step
+            peak_flops = max(peak_flops, matmul_flops(device, matmul_size))
+        if step == warmup and contender.name not in flops:
+            flops[contender.name] = step_flops(contender, step)  # an extra, untimed step
+        memory.reset()
+        loading, computing = timed_step(contender, step)
+        peaks[contender.name] = max(peaks[contender.name], memory.read())
+        if step >= warmup:
+            data_s[contender.name].append(loading)
+            step_s[contender.name].append(computing)
+    rows = []
+    for name in methods:
+        iterations = [a + b for a, b in zip(data_s[name], step_s[name])]
+        median = statistics.median(iterations)
+        achieved = flops[name] / median
+        rows.append(
+            {
+                "method": name,
+                "benchmark": benchmark,
+                "profile": run.profile,
+                "device": device.type,
+                "threads": torch.get_num_threads(),
+                "steps": steps,
+                "step_time_s": median,
+                "data_time_s": statistics.median(data_s[name]),
+                "data_share": sum(data_s[name]) / sum(iterations),
+                "flops_per_step": flops[name],
+                "achieved_flops": achieved,
+                "peak_flops": peak_flops,
+                "utilisation": achieved / peak_flops,
+                "peak_memory_mb": peaks[name],
+            }
+        )
+    reference = [a + b for a, b in zip(data_s["daformer"], step_s["daformer"])] if "daformer" in methods else None
+    for row in rows:
+        if reference is None:
+            row["ratio_to_daformer"] = None
+            continue
+        iterations = [a + b for a, b in zip(data_s[row["method"]], step_s[row["method"]])]
+        # paired by round: both steps of a round ran under the same load from elsewhere
+        row["ratio_to_daformer"] = statistics.median(t / r for t, r in zip(iterations, reference))
+    return rows
+
+
+def _formatted(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def write_csv(rows: list[dict], out: Path) -> None:
+    """``rows`` as CSV with the columns of ``COLUMNS``, written atomically."""
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({column: _formatted(row[column]) for column in COLUMNS})
+    write_bytes_atomic(out, text.getvalue().encode())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--benchmark", default="mini-gta2cs")
+    parser.add_argument("--methods", nargs="+", default=None, help="default: every registered method")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per method")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps per method first")
+    parser.add_argument("--threads", type=int, default=1, help="intra-op threads (torch.set_num_threads)")
+    parser.add_argument("--matmul-size", type=int, default=1024, help="side of the matrices timing the peak")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--profile", default=None)
+    parser.add_argument("--params", type=Path, default=REPO / "params.yaml")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    if args.threads < 1:
+        print(f"cost.py: error: --threads must be at least 1, got {args.threads}", file=sys.stderr)
+        return 2
+    torch.set_num_threads(args.threads)
+    methods = args.methods or registered()
+    try:
+        rows = measure_cost(
+            args.params, args.benchmark, methods, args.steps, args.warmup, args.seed, args.profile, args.set,
+            args.matmul_size, progress=not args.no_progress,
+        )
+    except (ConfigError, DatasetFormatError, KeyError, ValueError) as error:
+        print(f"cost.py: error: {error}", file=sys.stderr)
+        return 2
+    write_csv(rows, args.out)
+    print(f"{args.benchmark}: {args.steps} timed steps per method after {args.warmup}, {args.threads} threads")
+    for row in rows:
+        ratio = "" if row["ratio_to_daformer"] is None else f" {row['ratio_to_daformer']:.2f}x daformer,"
+        print(
+            f"{row['method']}: {row['step_time_s']:.3f} s/step,{ratio} data {row['data_share']:.1%},"
+            f" {row['flops_per_step'] / 1e9:.2f} GFLOP, utilisation {row['utilisation']:.1%},"
+            f" peak {row['peak_memory_mb']:.0f} MiB"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
