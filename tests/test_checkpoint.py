@@ -69,7 +69,8 @@ def test_run_killed_with_sigkill_resumes_to_the_record_of_an_uninterrupted_run(d
     assert f"resuming from {out / 'checkpoint.pt'} at step {killed_at}" in resumed.stderr
     record = json.loads((out / "metrics.json").read_text())
     differing = {key for key in expected if record[key] != expected[key]}
-    assert differing == {"wall_time_s"}, f"{differing - {'wall_time_s'}} differ after the resume"
+    # wall time may differ (and, rarely, agree to the hundredth of a second); nothing else may
+    assert differing <= {"wall_time_s"}, f"{differing - {'wall_time_s'}} differ after the resume"
     assert not (out / "checkpoint.pt").exists()
     # the DVCLive log continues where the checkpoint was: no step twice, none missing
     for curve in ("train/lr.tsv", "train/mix_ce.tsv", "select/miou.tsv"):
