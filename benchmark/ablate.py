@@ -1,6 +1,7 @@
 """Train one ablation variant declared in ``params.yaml`` under ``ablations.variants``.
 
     python benchmark/ablate.py --variant daformer~no_class_mix --benchmark mini-gta2cs --seed 0
+    python benchmark/ablate.py --variant daformer~no_class_mix --benchmark mini-gta2cs --all-seeds
 
 A variant is named ``<method>~<name>`` and maps to the settings it changes, as nested mappings of the
 keys ``train.py --set`` takes (``method.*``, ``optim.*``, ``eval.*``, ``data.*``, ...)::
@@ -14,7 +15,8 @@ keys ``train.py --set`` takes (``method.*``, ``optim.*``, ``eval.*``, ``data.*``
 
 Running it is exactly ``train.py --benchmark B --method <method> --seed S --set <changes>`` with the
 record written to ``results/runs/B/<method>~<name>/seedS/``, beside the full method's runs; the
-ablation tables (``benchmark/aggregate.py``) compare the two seed by seed.
+ablation tables (``benchmark/aggregate.py``) compare the two seed by seed. ``--all-seeds`` runs every
+seed of ``ablations.seeds`` side by side, one process each (``benchmark/launch.py``).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from benchmark import launch
 from benchmark.config import ConfigError, load_yaml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -77,6 +80,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variant", required=True, help="a key of ablations.variants, e.g. daformer~no_class_mix")
     parser.add_argument("--benchmark", required=True, help="a benchmark in params.yaml, e.g. mini-gta2cs")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--all-seeds", action="store_true",
+        help="every seed of params.yaml ablations.seeds, one process each, side by side",
+    )  # fmt: skip
+    parser.add_argument("--jobs", type=int, default=None, help="with --all-seeds: runs at once (default train.jobs; 0: all)")
     parser.add_argument("--profile", default=None, help="profile in params.yaml (default: its `profile` key)")
     parser.add_argument("--params", type=Path, default=REPO / "params.yaml", help="parameter file")
     parser.add_argument("--runs", type=Path, default=REPO / "results" / "runs", help="where run folders go")
@@ -85,9 +93,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         method, overrides = variant_overrides(load_yaml(args.params), args.variant)
+        if args.all_seeds:
+            seeds, jobs = launch.grid_seeds(args.params, "ablations"), launch.grid_jobs(args.params, args.jobs)
     except ConfigError as error:
         print(f"ablate.py: error: {error}", file=sys.stderr)
         return 2
+    if args.all_seeds:
+        shared = ["--variant", args.variant, "--benchmark", args.benchmark, "--params", str(args.params)]
+        shared += ["--runs", str(args.runs), "--warm-start-dir", str(args.warm_start_dir), "--no-progress"]
+        if args.profile:
+            shared += ["--profile", args.profile]
+        commands = {seed: launch.child_command(Path(__file__), [*shared, "--seed", str(seed)]) for seed in seeds}
+        return launch.run_seeds(commands, jobs, progress=not args.no_progress, label=f"{args.variant} on {args.benchmark}")
     out = args.runs / args.benchmark / args.variant / f"seed{args.seed}"
     train_args = [
         "--benchmark", args.benchmark, "--method", method, "--seed", str(args.seed),

@@ -3,6 +3,7 @@
     python benchmark/train.py --benchmark mini-gta2cs --method daformer --seed 0
     python benchmark/train.py --benchmark mini-gta2cs --method daformer --seed 0 --set optim.steps=200 method.mix_weight=0.5
     python benchmark/train.py --benchmark mini-gta2cs --method daformer --seed 0 --tuned   # weights from benchmark/tune.py
+    python benchmark/train.py --benchmark mini-gta2cs --method daformer --all-seeds   # train.seeds side by side
     torchrun --nproc-per-node=4 benchmark/train.py --benchmark gta2cs --method daformer --seed 0 --profile paper
 
 The loop reads top to bottom: build data, model and method; for each step draw a source and a target
@@ -46,7 +47,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from benchmark import checkpoint as checkpoints
-from benchmark import distributed
+from benchmark import distributed, launch
 from benchmark.checkpoint import CheckpointError
 from benchmark.classes import CLASSES, NUM_CLASSES
 from benchmark.config import ConfigError, to_mapping
@@ -509,11 +510,44 @@ def default_checkpoint(run: RunConfig) -> Path:
     return REPO / "results" / "checkpoints" / run.benchmark / run.method / f"seed{run.seed}" / "checkpoint.pt"
 
 
+def _train_all_seeds(args: argparse.Namespace) -> int:
+    """``--all-seeds``: this command once per seed of ``train.seeds``, in child processes."""
+    try:
+        if args.out is not None or args.checkpoint is not None or args.warm_start_only:
+            raise ConfigError("--all-seeds writes every run to its default folder: drop --out, --checkpoint and --warm-start-only")
+        if distributed.launched_processes() > 1:
+            raise ConfigError("--all-seeds starts its own processes: start it without torchrun")
+        seeds, jobs = launch.grid_seeds(args.params, "train"), launch.grid_jobs(args.params, args.jobs)
+        # resolving every seed first stops a bad method, benchmark or override before any process starts
+        for seed in seeds:
+            resolve(args.params, args.benchmark, args.method, seed, args.profile, list(args.set))
+    except ConfigError as error:
+        print(f"train.py: error: {error}", file=sys.stderr)
+        return 2
+    shared = ["--benchmark", args.benchmark, "--method", args.method, "--params", str(args.params)]
+    shared += ["--warm-start-dir", str(args.warm_start_dir)]
+    if args.profile:
+        shared += ["--profile", args.profile]
+    if args.tuned is not None:
+        shared += ["--tuned", args.tuned] if args.tuned else ["--tuned"]
+    shared.append("--no-progress")  # a child's output is collected, not shown live; the launcher's bar counts runs
+    if args.set:
+        shared += ["--set", *args.set]
+    commands = {seed: launch.child_command(Path(__file__), ["--seed", str(seed), *shared]) for seed in seeds}
+    label = f"{args.method} on {args.benchmark}"
+    return launch.run_seeds(commands, jobs, progress=not args.no_progress, label=label)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--benchmark", required=True, help="a benchmark in params.yaml, e.g. mini-gta2cs")
     parser.add_argument("--method", default="source_only", help="a registered method, e.g. daformer")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--all-seeds", action="store_true",
+        help="train every seed of params.yaml train.seeds, one process each, side by side (benchmark/launch.py)",
+    )  # fmt: skip
+    parser.add_argument("--jobs", type=int, default=None, help="with --all-seeds: runs at once (default train.jobs; 0: all)")
     parser.add_argument("--profile", default=None, help="profile in params.yaml (default: its `profile` key)")
     parser.add_argument("--params", type=Path, default=REPO / "params.yaml", help="parameter file")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides, e.g. optim.steps=100")
@@ -532,6 +566,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warm-start-dir", type=Path, default=WARM_START_DIR, help="cache of shared warm starts")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
+    if args.all_seeds:
+        return _train_all_seeds(args)
     processes, speaks = distributed.launched_processes(), distributed.launched_rank() == 0
     world = None
     try:

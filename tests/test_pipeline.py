@@ -109,6 +109,18 @@ def test_smoke_repro_writes_the_report_and_figures(smoke_repo):
     assert "`cost.csv` not found" not in text  # the cost stage runs before the report
 
 
+def test_a_run_trained_beside_its_other_seeds_equals_one_trained_alone(smoke_repo, tmp_path):
+    """The train stage runs the seeds side by side (benchmark/launch.py); the figures must not notice."""
+    repo, env, _, _ = smoke_repo
+    alone = tmp_path / "alone"
+    _run([sys.executable, "benchmark/train.py", "--benchmark", "mini-gta2cs", "--method", "daformer", "--seed", "1",
+          "--out", str(alone), "--no-progress"], repo, env)  # fmt: skip
+    grid = json.loads((repo / "results" / "runs" / "mini-gta2cs" / "daformer" / "seed1" / "metrics.json").read_text())
+    single = json.loads((alone / "metrics.json").read_text())
+    for key in ("per_class_iou", "miou19", "select_curve", "split_hash"):
+        assert single[key] == grid[key], key
+
+
 def test_dvc_sees_metrics_and_plots_and_has_nothing_left_to_do(smoke_repo):
     repo, env, dvc, first = smoke_repo
     assert "Running stage 'report'" in first.stdout
