@@ -79,12 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--variant", required=True, help="a key of ablations.variants, e.g. daformer~no_class_mix")
     parser.add_argument("--benchmark", required=True, help="a benchmark in params.yaml, e.g. mini-gta2cs")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--all-seeds", action="store_true",
-        help="every seed of params.yaml ablations.seeds, one process each, side by side",
-    )  # fmt: skip
-    parser.add_argument("--jobs", type=int, default=None, help="with --all-seeds: runs at once (default train.jobs; 0: all)")
+    launch.add_seed_arguments(parser, "ablations")
     parser.add_argument("--profile", default=None, help="profile in params.yaml (default: its `profile` key)")
     parser.add_argument("--params", type=Path, default=REPO / "params.yaml", help="parameter file")
     parser.add_argument("--runs", type=Path, default=REPO / "results" / "runs", help="where run folders go")

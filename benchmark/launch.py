@@ -35,6 +35,16 @@ class Finished:
     output: str
 
 
+def add_seed_arguments(parser, section: str) -> None:
+    """``--seed``, ``--all-seeds`` (every seed of ``<section>.seeds``) and ``--jobs`` of a run script."""
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--all-seeds", action="store_true",
+        help=f"every seed of params.yaml {section}.seeds, one process each, side by side (benchmark/launch.py)",
+    )  # fmt: skip
+    parser.add_argument("--jobs", type=int, default=None, help="with --all-seeds: runs at once (default train.jobs; 0: all)")
+
+
 def grid_seeds(params: Path, section: str) -> list[int]:
     """The seed list ``<section>.seeds`` of params.yaml, checked: non-empty, integers, no repeats."""
     seeds = (load_yaml(params).get(section) or {}).get("seeds")

@@ -542,12 +542,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--benchmark", required=True, help="a benchmark in params.yaml, e.g. mini-gta2cs")
     parser.add_argument("--method", default="source_only", help="a registered method, e.g. daformer")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--all-seeds", action="store_true",
-        help="train every seed of params.yaml train.seeds, one process each, side by side (benchmark/launch.py)",
-    )  # fmt: skip
-    parser.add_argument("--jobs", type=int, default=None, help="with --all-seeds: runs at once (default train.jobs; 0: all)")
+    launch.add_seed_arguments(parser, "train")
     parser.add_argument("--profile", default=None, help="profile in params.yaml (default: its `profile` key)")
     parser.add_argument("--params", type=Path, default=REPO / "params.yaml", help="parameter file")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides, e.g. optim.steps=100")
