@@ -44,14 +44,40 @@ class EMATeacher(nn.Module):
 
     @torch.no_grad()
     def update(self, student: nn.Module, step: int) -> None:
+        # one multi-tensor call per operation instead of two per tensor: the same element-wise
+        # arithmetic, mean * alpha + (1 - alpha) * current, without the per-tensor Python overhead
         alpha = self.alpha(step)
+        means, currents, counters, counts = self._pairs(student)
+        if means:
+            torch._foreach_mul_(means, alpha)
+            torch._foreach_add_(means, currents, alpha=1.0 - alpha)
+        if counters:
+            torch._foreach_copy_(counters, counts)
+
+    def _pairs(self, student: nn.Module) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
+        """Averaged teacher tensors and their student tensors (parameters, floating-point buffers),
+        then integer buffers (copied) and theirs. Walking the module tree costs more than the update
+        itself on a small model, so the lists are kept while the first tensors of both sides are still
+        the ones they hold (load_state_dict copies in place and keeps them; a deep copy does not)."""
+        cached = self.__dict__.get("_cached_pairs")
+        first_mean = next(self.model.parameters(), None)
+        first_current = next(student.parameters(), None)
+        if cached is not None and cached[0] is first_mean and cached[1] is first_current:
+            return cached[2]
+        means, currents, counters, counts = [], [], [], []
         for mean, current in zip(self.model.parameters(), student.parameters()):
-            mean.mul_(alpha).add_(current.detach(), alpha=1.0 - alpha)
+            means.append(mean)
+            currents.append(current)
         for mean, current in zip(self.model.buffers(), student.buffers()):
             if mean.dtype.is_floating_point:
-                mean.mul_(alpha).add_(current, alpha=1.0 - alpha)
+                means.append(mean)
+                currents.append(current)
             else:
-                mean.copy_(current)
+                counters.append(mean)
+                counts.append(current)
+        pairs = (means, currents, counters, counts)
+        self.__dict__["_cached_pairs"] = (first_mean, first_current, pairs)
+        return pairs
 
     @torch.no_grad()
     def forward(self, images: Tensor) -> Tensor:
@@ -259,11 +285,12 @@ def contrastive_loss(
     has_positive = positives.any(dim=1)
     if not has_positive.any():
         return similarity.sum() * 0.0
-    similarity, positives, negatives = similarity[has_positive], positives[has_positive], negatives[has_positive]
     # log-sum-exp over the negatives of each anchor; the finite fill keeps the gradient of an anchor
     # without negatives at 0 instead of NaN (its negative term is then e^-huge)
     lowest = torch.finfo(similarity.dtype).min
     negative_term = torch.logsumexp(similarity.masked_fill(~negatives, lowest), dim=1, keepdim=True)
     per_pair = torch.logaddexp(similarity, negative_term) - similarity
-    per_anchor = (per_pair * positives).sum(dim=1) / positives.sum(dim=1)
-    return per_anchor.mean()
+    # every row is reduced on its own, so anchors without a positive (0 here, with a 0 gradient) are
+    # dropped from the mean at the end rather than from the (N, M) matrices up front
+    per_anchor = (per_pair * positives).sum(dim=1) / positives.sum(dim=1).clamp_min(1)
+    return per_anchor[has_positive].mean()

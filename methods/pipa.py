@@ -81,26 +81,38 @@ def hard_easy_anchors(
     """Anchor cells for the pixel contrast, sampled per image and class (Wang et al., ICCV 2021,
     sec. 3.3, as PiPa uses it): v = min(max_anchors // #(image, class) pairs, views_per_class) cells
     of each pair, half hard (predicted as another class) and half easy (predicted right), the other
-    kind filling in where one runs short.
+    kind filling in where one runs short. Each group draws its cells with one ``randperm`` from
+    ``generator``, pairs in (image, class) order, hard before easy.
 
     labels, predictions: (B, n) per-image cells (labels with the ignore index) -> (K,) indices into
     the flattened (B * n) cells.
     """
-    pairs = [(b, int(c)) for b in range(labels.shape[0]) for c in labels[b].unique() if c != IGNORE_INDEX]
-    if not pairs:
+    flat = labels.reshape(-1)
+    cells = (flat != IGNORE_INDEX).nonzero().flatten()  # ascending flattened indices
+    if len(cells) == 0:
         return torch.zeros(0, dtype=torch.long)
-    views = max(1, min(max_anchors // len(pairs), views_per_class))
+    classes = flat[cells]
+    easy = (predictions.reshape(-1)[cells] == classes).long()
+    # one group per (image, class, hard/easy); a stable sort keeps each group's cells ascending
+    key = ((cells // labels.shape[1]) * (IGNORE_INDEX + 1) + classes) * 2 + easy
+    key, order = torch.sort(key, stable=True)
+    cells = cells[order]
+    group_keys, group_sizes = torch.unique_consecutive(key, return_counts=True)
+    groups: dict[int, list[int]] = {}  # pair -> [hard size, hard start, easy size, easy start]
+    start = 0
+    for group, size in zip(group_keys.tolist(), group_sizes.tolist()):
+        pair = groups.setdefault(group // 2, [0, 0, 0, 0])
+        pair[2 * (group % 2)], pair[2 * (group % 2) + 1] = size, start
+        start += size
+    views = max(1, min(max_anchors // len(groups), views_per_class))
     chosen = []
-    for b, c in pairs:
-        cells = (labels[b] == c).nonzero().flatten()
-        right = predictions[b, cells] == c
-        hard, easy = cells[~right], cells[right]
-        n_hard = min(len(hard), views // 2)
-        n_easy = min(len(easy), views - n_hard)
-        n_hard = min(len(hard), views - n_easy)
-        for group, n in ((hard, n_hard), (easy, n_easy)):
-            chosen.append(b * labels.shape[1] + group[torch.randperm(len(group), generator=generator)[:n]])
-    return torch.cat(chosen)
+    for hard_size, hard_start, easy_size, easy_start in groups.values():
+        n_hard = min(hard_size, views // 2)
+        n_easy = min(easy_size, views - n_hard)
+        n_hard = min(hard_size, views - n_easy)
+        for size, first, n in ((hard_size, hard_start, n_hard), (easy_size, easy_start, n_easy)):
+            chosen.append(first + torch.randperm(size, generator=generator)[:n])
+    return cells[torch.cat(chosen).to(cells.device)]
 
 
 def overlapping_crops(height: int, width: int, fraction: float, stride: int, batch: int, generator: torch.Generator):

@@ -188,12 +188,12 @@ class ClassStatistics(nn.Module):
         )
         self.mean.copy_((1 - w) * self.mean + w * batch_mean)
         self.count.add_(batch_count)
-        slots = self.bank.shape[1]
-        for c in present.nonzero().flatten().tolist():
-            slot = int(self.bank_next[c]) % slots
-            self.bank[c, slot] = batch_mean[c]
-            self.bank_filled[c, slot] = True
-            self.bank_next[c] = slot + 1
+        # every present class writes its batch mean into its next slot (a ring buffer per class)
+        classes = present.nonzero().flatten()
+        slot = self.bank_next[classes] % self.bank.shape[1]
+        self.bank[classes, slot] = batch_mean[classes]
+        self.bank_filled[classes, slot] = True
+        self.bank_next[classes] = slot + 1
 
 
 # ---- the add-on ------------------------------------------------------------------------------------
@@ -227,14 +227,19 @@ class SePiCo(AddOn):
             return bank_contrast(features, labels, stats.bank, stats.bank_filled, p.sepico_temperature)
         return dist_contrast(features, labels, stats.mean, stats.variance, p.sepico_temperature)
 
-    def sepico_cells(self, features: list[Tensor], labels: Tensor) -> tuple[Tensor, Tensor]:
-        """Student embeddings of the cells whose area-vote label is a class: (N, D), (N,)."""
+    def sepico_cells(
+        self, features: list[Tensor], labels: Tensor, cells: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Student embeddings of the cells whose area-vote label is a class: (N, D), (N,). ``cells``:
+        the area-vote labels (B, h, w) of ``labels`` when already computed for this grid."""
         embeddings = self.sepico_projection(features)
-        cells = majority_labels(labels, embeddings.shape[-2:], NUM_CLASSES, self.params.sepico_label_min_ratio)
+        if cells is None or cells.shape[-2:] != embeddings.shape[-2:]:
+            cells = majority_labels(labels, embeddings.shape[-2:], NUM_CLASSES, self.params.sepico_label_min_ratio)
         return flatten_labelled(embeddings, cells)
 
-    def sepico_update_statistics(self, context) -> None:
-        """Update the class statistics from the teacher's embeddings of the labelled source cells."""
+    def sepico_update_statistics(self, context) -> Tensor:
+        """Update the class statistics from the teacher's embeddings of the labelled source cells;
+        returns those cells' area-vote labels (B, h, w)."""
         if context.step > 0:
             # the teacher head follows the student head as the loop's EMA teacher follows the model:
             # this is the update after step t - 1, applied before step t reads it
@@ -243,6 +248,7 @@ class SePiCo(AddOn):
         teacher = self.sepico_teacher_projection(self.teacher_features(source.image))
         cells = majority_labels(source.label, teacher.shape[-2:], NUM_CLASSES, self.params.sepico_label_min_ratio)
         self.sepico_statistics.update(*flatten_labelled(teacher, cells))
+        return cells
 
     def sepico_view(self, domain: str, context) -> tuple[list[Tensor], Tensor]:
         """Student encoder features and labels (B, H, W) of the cells contrasted for ``domain``."""
@@ -256,7 +262,7 @@ class SePiCo(AddOn):
     def addon_losses(self, context) -> dict[str, Tensor]:
         losses = super().addon_losses(context)
         p = self.params
-        self.sepico_update_statistics(context)
+        source_cells = self.sepico_update_statistics(context)
         domains = [d for d, on in (("source", p.sepico_source), ("target", p.sepico_target)) if on]
         zero = context.source.image.new_zeros(())
         if self.total_steps is not None and context.step < int(p.sepico_start_fraction * self.total_steps):
@@ -266,7 +272,8 @@ class SePiCo(AddOn):
             return losses
         regularizer = zero
         for domain in domains:
-            embeddings, labels = self.sepico_cells(*self.sepico_view(domain, context))
+            features, labels = self.sepico_view(domain, context)
+            embeddings, labels = self.sepico_cells(features, labels, source_cells if domain == "source" else None)
             if len(labels) == 0:
                 losses[f"sepico_{domain}"] = embeddings.sum() * 0.0
                 continue
