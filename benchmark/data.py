@@ -13,6 +13,10 @@ loader workers, and a resumed run sees the same batches.
 
 from __future__ import annotations
 
+import os
+import queue
+import threading
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -124,6 +128,11 @@ class SegmentationDataset(torch.utils.data.Dataset):
     gives the frame without random augmentation (evaluation: only ``eval_scale`` applies, the label
     stays at its native resolution so the metric is computed where the annotation lives); indexing
     with a ``SampleRequest`` applies ``augment`` seeded by the request.
+
+    With ``cache``, decoded frames are kept in memory (``FRAMES``, shared by every dataset of the
+    process that reads the same files) and a background thread decodes the split's frames ahead of
+    use (``warm_up``), so that the training step does not wait on PNG decoding the first time it
+    meets a frame. A frame is the same whether it was decoded ahead or on demand.
     """
 
     def __init__(
@@ -144,26 +153,34 @@ class SegmentationDataset(torch.utils.data.Dataset):
         self.augment = augment or Augment()
         self.eval_scale = eval_scale
         self.min_crop_class_pixels = min_crop_class_pixels
-        self._cache: dict[int, tuple[np.ndarray, np.ndarray | None]] | None = {} if cache else None
+        self.cache = cache
         if not self.manifest.frames:
             raise DatasetFormatError(f"{self.root}/manifests/{split}.json lists no frames")
+        if cache:
+            warm_up(self)
 
     def __len__(self) -> int:
         return len(self.manifest.frames)
 
-    def _load(self, index: int) -> tuple[np.ndarray, np.ndarray | None]:
-        if self._cache is not None and index in self._cache:
-            return self._cache[index]
+    def _paths(self, index: int) -> tuple[Path, Path | None]:
         frame = self.manifest.frames[index]
-        image = read_image(self.root / frame.image)
-        label = read_train_ids(self.root / frame.label) if self.with_labels else None
+        return self.root / frame.image, (self.root / frame.label) if self.with_labels else None
+
+    def _load(self, index: int) -> tuple[np.ndarray, np.ndarray | None]:
+        image_path, label_path = self._paths(index)
+        if self.cache:
+            cached = FRAMES.get(image_path, label_path)
+            if cached is not None:
+                return cached
+        image = read_image(image_path)
+        label = read_train_ids(label_path) if label_path is not None else None
         if label is not None and label.shape != image.shape[:2]:
             raise DatasetFormatError(
-                f"{self.root / frame.label}: label is {label.shape[1]}x{label.shape[0]} but the image "
-                f"{self.root / frame.image} is {image.shape[1]}x{image.shape[0]}; re-run benchmark/prepare.py"
+                f"{label_path}: label is {label.shape[1]}x{label.shape[0]} but the image "
+                f"{image_path} is {image.shape[1]}x{image.shape[0]}; re-run benchmark/prepare.py"
             )
-        if self._cache is not None:
-            self._cache[index] = (image, label)
+        if self.cache:
+            FRAMES.put(image_path, label_path, image, label)
         return image, label
 
     def _augmented(self, request: SampleRequest) -> tuple[np.ndarray, np.ndarray | None]:
@@ -197,6 +214,88 @@ class SegmentationDataset(torch.utils.data.Dataset):
         if label is not None:
             sample["label"] = torch.from_numpy(label.astype(np.int64))
         return sample
+
+
+class FrameCache:
+    """Decoded frames by file: ``(image, label)`` arrays of an image path and a label path (or
+    None), each entry valid while both files keep the size and modification time they had when
+    read. Thread-safe for one writer and many readers (dict operations are atomic)."""
+
+    def __init__(self):
+        self._frames: dict[tuple[Path, Path | None], tuple[tuple, np.ndarray, np.ndarray | None]] = {}
+
+    @staticmethod
+    def _stamp(image_path: Path, label_path: Path | None) -> tuple:
+        stamps = []
+        for path in (image_path, label_path):
+            if path is not None:
+                stat = os.stat(path)
+                stamps.append((stat.st_mtime_ns, stat.st_size))
+        return tuple(stamps)
+
+    def get(self, image_path: Path, label_path: Path | None) -> tuple[np.ndarray, np.ndarray | None] | None:
+        entry = self._frames.get((image_path, label_path))
+        if entry is None:
+            return None
+        try:
+            if entry[0] != self._stamp(image_path, label_path):
+                return None
+        except OSError:
+            return None
+        return entry[1], entry[2]
+
+    def contains(self, image_path: Path, label_path: Path | None) -> bool:
+        return (image_path, label_path) in self._frames
+
+    def put(self, image_path: Path, label_path: Path | None, image: np.ndarray, label: np.ndarray | None) -> None:
+        try:
+            stamp = self._stamp(image_path, label_path)
+        except OSError:
+            return
+        # read-only views: every reader shares these arrays, augmentation copies what it changes
+        image.flags.writeable = False
+        if label is not None:
+            label.flags.writeable = False
+        self._frames[(image_path, label_path)] = (stamp, image, label)
+
+    def clear(self) -> None:
+        self._frames.clear()
+
+
+#: The process's decoded frames of every dataset built with ``cache``.
+FRAMES = FrameCache()
+_warm_up_queue: queue.SimpleQueue | None = None
+_warm_up_pid: int | None = None
+
+
+def warm_up(dataset: SegmentationDataset) -> None:
+    """Decode ``dataset``'s frames into ``FRAMES`` in a background thread (one per process, datasets
+    in the order they were built), skipping frames already there. The thread holds the dataset weakly
+    and stops on a frame that fails to read: reading it on demand then raises the error."""
+    global _warm_up_queue, _warm_up_pid
+    if _warm_up_queue is None or _warm_up_pid != os.getpid():  # none yet, or a forked child
+        _warm_up_queue, _warm_up_pid = queue.SimpleQueue(), os.getpid()
+        threading.Thread(target=_warm_up_loop, args=(_warm_up_queue,), name="frame-warm-up", daemon=True).start()
+    _warm_up_queue.put(weakref.ref(dataset))
+
+
+def _warm_up_loop(pending: queue.SimpleQueue) -> None:
+    while True:
+        reference = pending.get()
+        dataset = reference()
+        count = len(dataset) if dataset is not None else 0
+        del dataset
+        for index in range(count):
+            dataset = reference()
+            if dataset is None:
+                break
+            try:
+                if not FRAMES.contains(*dataset._paths(index)):
+                    dataset._load(index)
+            except Exception:  # noqa: BLE001  the step's own read of the frame reports it
+                break
+            finally:
+                del dataset
 
 
 class InfiniteSampler(torch.utils.data.Sampler):

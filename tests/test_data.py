@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import itertools
+import os
+import time
 
 import numpy as np
 import pytest
@@ -11,6 +13,7 @@ import torch
 from benchmark import prepare
 from benchmark.classes import NUM_CLASSES, TRAIN_ID
 from benchmark.data import (
+    FRAMES,
     Augment,
     InfiniteSampler,
     RareClassSampler,
@@ -20,6 +23,7 @@ from benchmark.data import (
     random_crop,
     rare_class_probabilities,
 )
+from benchmark.formats import encode_image, write_bytes_atomic
 from benchmark.manifests import load_manifest
 
 from conftest import write_gta_root
@@ -131,3 +135,24 @@ def test_prepare_is_idempotent(gta_root):
     prepare.prepare("gta", gta_root)
     after = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(q for q in gta_root.rglob("*") if q.is_file())}
     assert after == before
+
+
+def test_cached_frames_are_decoded_ahead_shared_and_refreshed_when_the_file_changes(gta_root):
+    FRAMES.clear()
+    plain = SegmentationDataset(gta_root, "source_train")
+    cached = SegmentationDataset(gta_root, "source_train", cache=True)
+    deadline = time.monotonic() + 30
+    while not all(FRAMES.contains(*cached._paths(i)) for i in range(len(cached))) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert all(FRAMES.contains(*cached._paths(i)) for i in range(len(cached))), "the warm-up decoded every frame"
+    request = SampleRequest(3, seed=11)
+    for key in ("image", "label"):
+        assert torch.equal(cached[request][key], plain[request][key])  # decoded ahead = decoded on demand
+    other = SegmentationDataset(gta_root, "source_train", cache=True)
+    assert other._load(2)[0] is cached._load(2)[0]  # one decoded copy per file and process
+    image_path, _ = cached._paths(2)
+    replacement = cached._load(5)[0]
+    write_bytes_atomic(image_path, encode_image(np.ascontiguousarray(255 - replacement)))
+    stamp = image_path.stat()
+    os.utime(image_path, ns=(stamp.st_atime_ns, stamp.st_mtime_ns + 10**9))  # a distinct modification time
+    assert np.array_equal(cached._load(2)[0], 255 - replacement)  # a changed file is read again

@@ -3,6 +3,7 @@ self-training components against hand-computed examples."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 
@@ -227,3 +228,66 @@ def test_projection_head_concatenates_levels_and_normalises():
     labels = torch.tensor([[[1, 2], [3, 4]]])
     weights = torch.tensor([[[0.5, 0.0], [1.0, 0.0]]])
     assert labels_where_weighted(labels, weights).tolist() == [[[1, 255], [3, 255]]]
+
+
+def test_ema_teacher_averages_every_parameter_and_float_buffer_and_copies_counters():
+    student = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4), torch.nn.Conv2d(4, 2, 1))
+    teacher = EMATeacher(student)
+    generator = torch.Generator().manual_seed(0)
+    for step in (1, 5, 50):
+        before = {name: t.clone() for name, t in teacher.model.state_dict().items()}
+        with torch.no_grad():
+            for tensor in student.state_dict().values():
+                if tensor.dtype.is_floating_point:
+                    tensor.add_(torch.randn(tensor.shape, generator=generator))
+                else:
+                    tensor.add_(step)
+        teacher.update(student, step)
+        alpha = teacher.alpha(step)
+        for name, current in student.state_dict().items():
+            if current.dtype.is_floating_point:
+                # the per-tensor in-place arithmetic the update has always done, to the bit
+                expected = before[name].mul_(alpha).add_(current, alpha=1 - alpha)
+                assert torch.equal(teacher.model.state_dict()[name], expected), name
+            else:
+                assert torch.equal(teacher.model.state_dict()[name], current), name
+    # a deep copy of the teacher (its own tensors) averages into its own tensors, not the original's
+    twin = copy.deepcopy(teacher)
+    original = teacher.model[0].weight.clone()
+    twin.update(student, 100)
+    assert torch.equal(teacher.model[0].weight, original) and not torch.equal(twin.model[0].weight, original)
+
+
+def test_contrastive_loss_equals_the_dense_formula_with_its_gradient():
+    from methods.components import contrastive_loss
+
+    def dense(anchors, candidates, positives, negatives, temperature):
+        similarity = anchors @ candidates.T / temperature
+        losses = []
+        for i in range(len(anchors)):
+            if not positives[i].any():
+                continue
+            negative = torch.logsumexp(similarity[i][negatives[i]], dim=0) if negatives[i].any() else None
+            terms = [
+                -similarity[i, p] + (similarity[i, p] if negative is None else torch.logaddexp(similarity[i, p], negative))
+                for p in positives[i].nonzero().flatten()
+            ]
+            losses.append(torch.stack(terms).mean())
+        return torch.stack(losses).mean()
+
+    generator = torch.Generator().manual_seed(0)
+    features = torch.nn.functional.normalize(torch.randn(40, 8, generator=generator, dtype=torch.float64), dim=1)
+    classes = torch.randint(0, 4, (40,), generator=generator)
+    same = classes[:, None] == classes[None]
+    positives = same & ~torch.eye(40, dtype=torch.bool) & (torch.rand(40, 40, generator=generator) < 0.5)
+    negatives = ~same
+    negatives[:5] = False  # anchors without negatives
+    positives[35:] = False  # anchors without positives
+    results = []
+    for loss_fn in (contrastive_loss, dense):
+        anchors = features.clone().requires_grad_()
+        loss = loss_fn(anchors, anchors, positives, negatives, 0.1)
+        loss.backward()
+        results.append((loss.detach(), anchors.grad))
+    torch.testing.assert_close(results[0][0], results[1][0])
+    torch.testing.assert_close(results[0][1], results[1][1])

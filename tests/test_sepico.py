@@ -164,3 +164,18 @@ def test_sepico_switches_select_the_terms_and_the_variant():
     context = _context(method, step=3)
     context.pseudo_weights = torch.zeros(2, 32, 32)
     assert method.addon_losses(context)["sepico_target"].item() == 0.0
+
+
+def test_class_statistics_bank_is_a_ring_per_class():
+    stats = ClassStatistics(num_classes=3, dim=2, bank_size=2)
+    means = []
+    for value, classes in ((1.0, [0, 1]), (2.0, [1]), (3.0, [1, 2]), (4.0, [0])):
+        labels = torch.tensor(classes)
+        features = torch.full((len(classes), 2), value) + labels[:, None].float()
+        stats.update(features, labels)
+        means.append(features)
+    # class 0 seen in batches 1 and 4 (slots 0, 1); class 1 in 1, 2, 3 (slot 0 overwritten by 3); class 2 once
+    assert stats.bank[0].tolist() == [[1.0, 1.0], [4.0, 4.0]]
+    assert stats.bank[1].tolist() == [[4.0, 4.0], [3.0, 3.0]]
+    assert stats.bank[2, 0].tolist() == [5.0, 5.0] and stats.bank_filled[2].tolist() == [True, False]
+    assert stats.bank_next.tolist() == [2, 1, 1]
