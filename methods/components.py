@@ -282,17 +282,15 @@ def contrastive_loss(
     anchors: (N, D); candidates: (M, D); positives, negatives: (N, M) bool masks.
     """
     similarity = anchors @ candidates.T / temperature
-    anchor, partner = positives.nonzero(as_tuple=True)  # the positive pairs (i, p), (P,) each
-    if len(anchor) == 0:
+    has_positive = positives.any(dim=1)
+    if not has_positive.any():
         return similarity.sum() * 0.0
     # log-sum-exp over the negatives of each anchor; the finite fill keeps the gradient of an anchor
     # without negatives at 0 instead of NaN (its negative term is then e^-huge)
     lowest = torch.finfo(similarity.dtype).min
-    negative_term = torch.logsumexp(similarity.masked_fill(~negatives, lowest), dim=1)
-    # the pair terms only where there is a pair: positives are a small share of the (N, M) matrix
-    positive = similarity[anchor, partner]
-    per_pair = torch.logaddexp(positive, negative_term[anchor]) - positive
-    counts = positives.sum(dim=1)
-    per_anchor = similarity.new_zeros(len(similarity)).index_add(0, anchor, per_pair)
-    has_positive = counts > 0
-    return (per_anchor[has_positive] / counts[has_positive]).mean()
+    negative_term = torch.logsumexp(similarity.masked_fill(~negatives, lowest), dim=1, keepdim=True)
+    per_pair = torch.logaddexp(similarity, negative_term) - similarity
+    # every row is reduced on its own, so anchors without a positive (0 here, with a 0 gradient) are
+    # dropped from the mean at the end rather than from the (N, M) matrices up front
+    per_anchor = (per_pair * positives).sum(dim=1) / positives.sum(dim=1).clamp_min(1)
+    return per_anchor[has_positive].mean()
