@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         shared += ["--runs", str(args.runs), "--warm-start-dir", str(args.warm_start_dir), "--no-progress"]
         if args.profile:
             shared += ["--profile", args.profile]
-        commands = {seed: launch.child_command(Path(__file__), [*shared, "--seed", str(seed)]) for seed in seeds}
+        commands = launch.seed_children(Path(__file__), main, {seed: [*shared, "--seed", str(seed)] for seed in seeds})
         return launch.run_seeds(commands, jobs, progress=not args.no_progress, label=f"{args.variant} on {args.benchmark}")
     out = args.runs / args.benchmark / args.variant / f"seed{args.seed}"
     train_args = [

@@ -84,6 +84,35 @@ class DecodeHead(nn.Module):
         return self.classifier(self.dropout(self.decode(features)))
 
 
+class DilatedDepthwiseConv2d(nn.Conv2d):
+    """Depthwise k x k convolution (k odd) with dilation d and zero padding d (k - 1) / 2, so the output
+    has the input's size, that leaves out the kernel rows and columns whose taps lie wholly in the
+    padding. A tap at offset (i - k // 2) d reaches the image only if that offset is smaller than the
+    input's side: on a 16 x 16 feature map at dilation 18 only the centre tap ever sees a pixel. The
+    result is the full convolution's (the skipped taps multiply zeros) at a fraction of its cost, and
+    the skipped weights get the zero gradient they would get anyway. The weight keeps its
+    (C, 1, k, k) shape, so state dicts are those of ``nn.Conv2d``.
+
+    x: (B, C, H, W) -> (B, C, H, W).
+    """
+
+    def __init__(self, channels: int, kernel_size: int = 3, dilation: int = 1):
+        if kernel_size % 2 != 1:
+            raise ValueError(f"kernel_size must be odd, got {kernel_size}")
+        padding = dilation * (kernel_size - 1) // 2
+        super().__init__(channels, channels, kernel_size, padding=padding, dilation=dilation, groups=channels, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        centre = self.kernel_size[0] // 2
+        # taps kept on each side of the centre, per axis
+        reach = [min(centre, (side - 1) // step) for side, step in zip(x.shape[-2:], self.dilation)]
+        if reach == [centre, centre]:
+            return super().forward(x)
+        weight = self.weight[:, :, centre - reach[0] : centre + reach[0] + 1, centre - reach[1] : centre + reach[1] + 1]
+        padding = (reach[0] * self.dilation[0], reach[1] * self.dilation[1])
+        return F.conv2d(x, weight, None, self.stride, padding, self.dilation, self.groups)
+
+
 class DepthwiseSeparableASPP(nn.Module):
     """Depthwise-separable ASPP used as DAFormer's fusion module (DAFormer, section 3.2, Fig. 3).
 
@@ -110,7 +139,11 @@ class DepthwiseSeparableASPP(nn.Module):
             else:
                 branches.append(
                     nn.Sequential(
-                        _conv_bn_relu(in_channels, in_channels, 3, dilation=dilation, groups=in_channels),
+                        nn.Sequential(
+                            DilatedDepthwiseConv2d(in_channels, 3, dilation),
+                            nn.BatchNorm2d(in_channels),
+                            nn.ReLU(inplace=True),
+                        ),
                         _conv_bn_relu(in_channels, out_channels, kernel_size=1),
                     )
                 )

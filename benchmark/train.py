@@ -533,7 +533,7 @@ def _train_all_seeds(args: argparse.Namespace) -> int:
     shared.append("--no-progress")  # a child's output is collected, not shown live; the launcher's bar counts runs
     if args.set:
         shared += ["--set", *args.set]
-    commands = {seed: launch.child_command(Path(__file__), ["--seed", str(seed), *shared]) for seed in seeds}
+    commands = launch.seed_children(Path(__file__), main, {seed: ["--seed", str(seed), *shared] for seed in seeds})
     label = f"{args.method} on {args.benchmark}"
     return launch.run_seeds(commands, jobs, progress=not args.no_progress, label=label)
 

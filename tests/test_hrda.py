@@ -89,6 +89,18 @@ def test_overlapping_detail_windows_average_their_logits():
     assert torch.allclose(assembled, summed / count, atol=1e-5)
 
 
+@pytest.mark.parametrize("chunk", [1, 4, 7, 100])
+def test_detail_windows_in_chunks_give_the_prediction_of_one_batch(chunk):
+    segmentor = _segmentor()
+    whole = HRDASegmentor(segmentor, detail_crop=0.5, detail_stride=0.5, inference_chunk=1000).eval()
+    chunked = HRDASegmentor(segmentor, detail_crop=0.5, detail_stride=0.5, inference_chunk=chunk).eval()
+    chunked.attention.load_state_dict(whole.attention.state_dict())
+    images = _images(64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(chunked.detail_sliding(images), whole.detail_sliding(images), rtol=0, atol=1e-5)
+        torch.testing.assert_close(chunked(images), whole(images), rtol=0, atol=1e-5)
+
+
 def test_fused_output_shape_and_gradients_reach_both_heads():
     method = HRDA(_segmentor(), seed=0)
     method.train()
@@ -176,6 +188,7 @@ def test_hrda_trains_and_tests_at_twice_the_benchmark_resolution():
         ("method.detail_crop=1.5", "methods.hrda.detail_crop must be in (0, 1], got 1.5"),
         ("method.detail_loss_weight=-0.1", "methods.hrda.detail_loss_weight must be in [0, 1]"),
         ("method.resolution_scale=0", "methods.hrda.resolution_scale must be > 0"),
+        ("method.inference_chunk=0", "methods.hrda.inference_chunk must be >= 1, got 0"),
     ],
 )
 def test_bad_hrda_settings_stop_before_any_work(override, message):

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import subprocess
 import sys
+import time
 
 import pytest
 import yaml
+from conftest import REPO
 
 from benchmark import launch
 from benchmark.config import ConfigError
-from conftest import REPO
 
 SLEEPER = "import pathlib, sys, time; d = pathlib.Path(sys.argv[1]); (d / f'start{sys.argv[2]}').write_text(str(time.time())); time.sleep(0.6); (d / f'end{sys.argv[2]}').write_text(str(time.time())); print('done', sys.argv[2])"
 
@@ -30,6 +32,66 @@ def test_at_most_jobs_runs_at_once(tmp_path, jobs, expected):
     assert _most_at_once(tmp_path, seeds) == expected
     # each run's output arrives whole, prefixed with its seed
     assert sorted(stream.getvalue().splitlines()) == [f"[seed {s}] done {s}" for s in seeds]
+
+
+def _sleeper(directory, seed):
+    (directory / f"start{seed}").write_text(str(time.time()))
+    time.sleep(0.6)
+    (directory / f"end{seed}").write_text(str(time.time()))
+    print("done", seed)
+
+
+@pytest.mark.parametrize(("jobs", "expected"), [(1, 1), (2, 2), (0, 3)])
+def test_forked_children_keep_to_jobs_and_send_their_output(tmp_path, jobs, expected):
+    seeds = [0, 1, 2]
+    children = {s: functools.partial(_sleeper, tmp_path, s) for s in seeds}
+    stream = io.StringIO()
+    assert launch.run_seeds(children, jobs, progress=False, stream=stream) == 0
+    assert _most_at_once(tmp_path, seeds) == expected
+    assert sorted(stream.getvalue().splitlines()) == [f"[seed {s}] done {s}" for s in seeds]
+
+
+def _fails_with_status():
+    print("boom")
+    sys.exit(3)
+
+
+def _raises():
+    raise ValueError("broken input")
+
+
+def _exits_with_message():
+    sys.exit("a message")
+
+
+def test_forked_children_that_fail_are_named_with_their_status_and_output(tmp_path, capsys):
+    children = {
+        0: _fails_with_status,
+        1: _raises,
+        2: _exits_with_message,
+        3: lambda: (tmp_path / "three").write_text("ok") and None,
+        4: lambda: 0,
+    }
+    stream = io.StringIO()
+    assert launch.run_seeds(children, 2, progress=False, stream=stream) == 3
+    assert (tmp_path / "three").read_text() == "ok"
+    error = capsys.readouterr().err
+    assert "[seed 0] boom" in error
+    assert "[seed 1] ValueError: broken input" in error and "[seed 1] Traceback" in error
+    assert "[seed 2] a message" in error
+    assert "seed(s) 0, 1, 2 failed" in error
+    assert "[seed 3]" not in error and "[seed 4]" not in error
+
+
+def test_seed_children_fork_where_possible_and_are_commands_elsewhere(monkeypatch):
+    def main(argv):
+        return int(argv[-1])
+
+    forked = launch.seed_children(REPO / "benchmark" / "train.py", main, {0: ["--seed", "0"], 5: ["--seed", "5"]})
+    assert [child() for child in forked.values()] == [0, 5]
+    monkeypatch.delattr(launch.os, "fork")
+    commands = launch.seed_children(REPO / "benchmark" / "train.py", main, {1: ["--seed", "1"]})
+    assert commands == {1: [sys.executable, str(REPO / "benchmark" / "train.py"), "--seed", "1"]}
 
 
 def test_a_failed_run_lets_the_others_finish_and_is_named(tmp_path, capsys):

@@ -12,6 +12,7 @@ from benchmark.models import (
     HEADS,
     PROFILES,
     DAFormerHead,
+    DilatedDepthwiseConv2d,
     SegFormerHead,
     build_from_profile,
     build_segmentor,
@@ -77,6 +78,29 @@ def test_daformer_head_follows_the_paper():
     assert head(features).shape == (2, NUM_CLASSES, 32, 48)
     with pytest.raises(ValueError, match="levels"):
         head(features[:3])
+
+
+@pytest.mark.parametrize("size", [(16, 16), (16, 32), (5, 40), (40, 5), (64, 64)])
+@pytest.mark.parametrize("dilation", [1, 6, 12, 18])
+def test_dilated_depthwise_conv_that_skips_padding_taps_equals_the_full_convolution(size, dilation):
+    torch.manual_seed(0)
+    skipping = DilatedDepthwiseConv2d(6, 3, dilation)
+    full = nn.Conv2d(6, 6, 3, padding=dilation, dilation=dilation, groups=6, bias=False)
+    full.load_state_dict(skipping.state_dict())  # same parameters, same state-dict keys
+    x = torch.randn(2, 6, *size, requires_grad=True)
+    x_full = x.detach().clone().requires_grad_()
+    out, out_full = skipping(x), full(x_full)
+    assert out.shape == out_full.shape == x.shape
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    out_full.backward(grad)
+    torch.testing.assert_close(out, out_full, rtol=0, atol=1e-6)
+    torch.testing.assert_close(x.grad, x_full.grad, rtol=0, atol=1e-6)
+    torch.testing.assert_close(skipping.weight.grad, full.weight.grad, rtol=0, atol=1e-5)
+    if dilation >= max(size):  # only the centre tap sees the image: every other weight gets no gradient
+        centre_only = torch.zeros(3, 3, dtype=torch.bool)
+        centre_only[1, 1] = True
+        assert skipping.weight.grad[:, :, ~centre_only].abs().max() == 0
 
 
 def test_segformer_head_shapes():
