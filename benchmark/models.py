@@ -434,7 +434,7 @@ PROFILES: dict[str, ModelProfile] = {
     # and 0.43-0.5 s at 128x256; its encoder alone was the fastest measured (resnet18, pvt_v2_b0 and
     # mobilenetv3_large_100 were within ~20% overall, the head dominating), and DESIGN.md section 4's
     # feasibility run used it.
-    "embedded": ModelProfile(encoder="efficientvit_b0", head="daformer", embed_dim=64, crop_size=(64, 128)),
+    "embedded": ModelProfile(encoder="efficientvit_b0", head="daformer", embed_dim=32, crop_size=(64, 128)),
     # DAFormer's setup: MiT-B5 (timm's pvt_v2_b5, same family) with stochastic depth 0.1 as in MiT-B5.
     "paper": ModelProfile(
         encoder="pvt_v2_b5",

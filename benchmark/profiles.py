@@ -27,7 +27,7 @@ from benchmark.models import HEADS
 class ModelConfig:
     encoder: str = "efficientvit_b0"
     head: str = "daformer"
-    embed_dim: int = 64
+    embed_dim: int = 32
     #: A local file with ImageNet weights of the encoder (nothing is downloaded); null: from scratch.
     pretrained: str | None = None
 
