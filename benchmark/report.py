@@ -158,7 +158,7 @@ def curves_frame(frame: pd.DataFrame) -> pd.DataFrame:
 def figure_select_curves(curves: pd.DataFrame, board: pd.DataFrame):
     """Select mIoU against the training step per method: mean over seeds, band one std."""
     panels = _benchmarks(curves)
-    figure, axes = plt.subplots(1, len(panels), figsize=(5.8 * len(panels), 4.2), squeeze=False)
+    figure, axes = plt.subplots(1, len(panels), figsize=(7.6 * len(panels), 4.2), squeeze=False)
     for ax, (benchmark, points) in zip(axes[0], panels):
         metric = headline(points["protocol"].iloc[0])
         order = [m for m in _method_order(board, benchmark) if m in set(points["method"])]
@@ -166,7 +166,7 @@ def figure_select_curves(curves: pd.DataFrame, board: pd.DataFrame):
         ax.set_title(benchmark)
         ax.set_xlabel("training step")
         ax.set_ylabel(f"target-select {METRIC_LABELS[metric]} (%)")
-        ax.legend(title="method", fontsize=8, title_fontsize=8)
+        ax.legend(title="method", fontsize=8, title_fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     figure.suptitle("Model-selection mIoU during training (target_select): mean over seeds, band ± std", fontsize=10)
     figure.tight_layout()
     return figure
@@ -189,15 +189,15 @@ def figure_ablations(deltas: pd.DataFrame):
     seeds, dots: single seeds); left of zero means the switched-off part helps."""
     panels = _benchmarks(deltas)
     count = max(rows["variant"].nunique() for _, rows in panels)
-    figure, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 2.2 + 0.5 * count), squeeze=False)
+    figure, axes = plt.subplots(1, len(panels), figsize=(8.0 * len(panels), 2.2 + 0.5 * count), squeeze=False)
     for ax, (benchmark, rows) in zip(axes[0], panels):
         metric = headline(rows["protocol"].iloc[0])
         order = sorted(rows["variant"].unique())
         for position, variant in enumerate(order):
             values = rows.loc[rows["variant"] == variant, "delta"]
             spread = f" ± {values.std():.2f}" if len(values) > 1 else ""
-            negative = values.mean() < 0
-            ax.annotate(f"{values.mean():+.2f}{spread} (n={len(values)})", (0, position), xytext=(-4 if negative else 4, 0), textcoords="offset points", ha="right" if negative else "left", va="center", fontsize=8)
+            # a column right of the axes, where no bar, whisker or dot can cover it
+            ax.annotate(f"{values.mean():+.2f}{spread} (n={len(values)})", (1.02, position), xycoords=("axes fraction", "data"), ha="left", va="center", fontsize=8)
         sns.barplot(data=rows, y="variant", x="delta", order=order, errorbar="sd", capsize=0.15, color="#fdae6b", edgecolor="#a63603", err_kws={"linewidth": 1.2}, ax=ax)
         _stripplot(data=rows, y="variant", x="delta", order=order, color="#7f2704", size=4, jitter=0.1, ax=ax)
         ax.axvline(0, color="black", linewidth=0.8)
@@ -235,6 +235,20 @@ def cost_points(board: pd.DataFrame, cost: pd.DataFrame) -> pd.DataFrame:
     return board.merge(cost[[*keys, "step_time_s"]], on=keys, how="inner")
 
 
+def _label_offsets(x: list[float], y: list[float]) -> list[tuple[int, int]]:
+    """Offsets (in points) of the point labels of a scatter plot: above right, or below right for a
+    point with a near neighbour just above it, whose label would otherwise cover its own."""
+    span_x = (max(x) - min(x)) or 1.0
+    span_y = (max(y) - min(y)) or 1.0
+    offsets = []
+    for i, (xi, yi) in enumerate(zip(x, y)):
+        crowded = any(
+            j != i and abs(xj - xi) < 0.12 * span_x and 0 <= yj - yi < 0.08 * span_y for j, (xj, yj) in enumerate(zip(x, y))
+        )
+        offsets.append((5, -11) if crowded else (5, 4))
+    return offsets
+
+
 def figure_cost(points: pd.DataFrame):
     """Median training-step time against mean target-test mIoU (error bars: std over seeds)."""
     panels = _benchmarks(points)
@@ -243,8 +257,9 @@ def figure_cost(points: pd.DataFrame):
         metric = headline(rows["protocol"].iloc[0])
         sns.scatterplot(data=rows, x="step_time_s", y=f"{metric}_mean", hue="method", s=60, ax=ax, legend=False)
         ax.errorbar(rows["step_time_s"], rows[f"{metric}_mean"], yerr=rows[f"{metric}_std"].fillna(0), fmt="none", ecolor="grey", capsize=3, linewidth=1)
-        for _, row in rows.iterrows():
-            ax.annotate(row["method"], (row["step_time_s"], row[f"{metric}_mean"]), xytext=(5, 4), textcoords="offset points", fontsize=8)
+        offsets = _label_offsets(list(rows["step_time_s"]), list(rows[f"{metric}_mean"]))
+        for (_, row), offset in zip(rows.iterrows(), offsets):
+            ax.annotate(row["method"], (row["step_time_s"], row[f"{metric}_mean"]), xytext=offset, textcoords="offset points", fontsize=8)
         ax.set_title(benchmark)
         ax.set_xlabel("median training-step time (s)")
         ax.set_ylabel(f"target-test {METRIC_LABELS[metric]} (%)")

@@ -148,3 +148,14 @@ def test_figures_are_byte_identical_across_runs(tmp_path, golden):
     assert figures
     for figure in figures:
         assert (tmp_path / "a" / "figures" / figure).read_bytes() == (tmp_path / "b" / "figures" / figure).read_bytes()
+
+
+def test_labels_of_crowded_points_move_below_their_point():
+    from benchmark.report import _label_offsets
+
+    # daformer just below daformer+sepico (as in the default run): its label goes under its point
+    x, y = [0.06, 0.17, 0.20, 0.57], [13.3, 16.1, 16.2, 17.0]
+    offsets = _label_offsets(x, y)
+    assert offsets[1][1] < 0 < offsets[2][1]
+    assert offsets[0][1] > 0 and offsets[3][1] > 0
+    assert _label_offsets([0.1], [5.0]) == [(5, 4)]
