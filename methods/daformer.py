@@ -22,6 +22,9 @@ override; each records what it computed in the step's ``StepContext`` so that la
 add-ons reuse it instead of computing it again:
 
     source_losses(context)          student on the source batch (context.source_logits/_features)
+    teacher_pass(target, extra)     teacher logits of the target batch and, for an add-on that sets
+                                    ``wants_teacher_source_features``, teacher features of the source
+                                    batch (context.teacher_source_features), in one encoder pass
     target_pseudo_labels(target)    teacher pseudo-labels and weights (context.pseudo_labels/_weights)
     mixed_batch(...)                ClassMix + strong augmentation (context.mixed_images/_labels/_weights)
     mixed_losses(context)           student on the mixed batch (context.mixed_logits/_features)
@@ -30,18 +33,21 @@ add-ons reuse it instead of computing it again:
 All student forward passes go through ``forward_train`` (logits and encoder features for the whole
 input crop) or ``student_features``, every supervised loss through ``supervised_losses``, and teacher
 features through ``teacher_features``: a base that changes them (HRDA's multi-resolution crops)
-overrides those and every add-on follows.
+overrides those and every add-on follows. ``feature_stride`` is the input pixels per cell of those
+features' finest level.
 """
 
 from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from torch import Tensor
 
 from benchmark.classes import NUM_CLASSES, THING_CLASSES, TRAIN_ID
+from benchmark.models import Segmentor
 from methods.base import Batch, Method, Params, SearchRange, cross_entropy, register
 from methods.components import EMATeacher, class_mix_masks, feature_distance, mix, pseudo_labels, strong_augment
 
@@ -87,6 +93,9 @@ class StepContext:
     target: Batch
     source_logits: Tensor | None = None
     source_features: list[Tensor] = field(default_factory=list)
+    #: The EMA teacher's encoder features of the source images, as ``teacher_features`` gives them; set
+    #: by the step when the method declares ``wants_teacher_source_features``, else None.
+    teacher_source_features: list[Tensor] | None = None
     pseudo_labels: Tensor | None = None
     pseudo_weights: Tensor | None = None
     mixed_images: Tensor | None = None
@@ -105,6 +114,9 @@ class DAFormer(Method):
         "feature_distance_weight": SearchRange(1e-4, 5e-2, log=True),
         "pseudo_threshold": SearchRange(0.8, 0.99),
     }
+    #: An add-on that reads the teacher's features of the source batch sets this, so that the step
+    #: computes them together with the teacher's target logits (``teacher_pass``).
+    wants_teacher_source_features: ClassVar[bool] = False
 
     def __init__(self, model, params: DAFormerParams | None = None, seed: int = 0, total_steps: int | None = None):
         super().__init__(model, params, seed, total_steps)
@@ -140,6 +152,37 @@ class DAFormer(Method):
         """EMA-teacher encoder features aligned like ``forward_train``'s (no gradients)."""
         return self.teacher.model.forward_features(images)
 
+    @property
+    def feature_stride(self) -> int:
+        """Input pixels per cell of the finest level of ``forward_train``'s and ``student_features``'
+        features (the encoder's finest reduction here)."""
+        return self.model.reductions[0]
+
+    @torch.no_grad()
+    def teacher_pass(self, images: Tensor, extra: Tensor | None = None) -> tuple[Tensor, list[Tensor] | None]:
+        """The EMA teacher's logits of ``images`` (B, 3, H, W) and, when ``extra`` is given, its
+        ``teacher_features`` of ``extra`` (None otherwise).
+
+        The teacher always runs in eval mode (``EMATeacher``), so every image's output is independent
+        of the rest of the batch (BatchNorm uses its running statistics): where the logits are the
+        decode head on ``teacher_features`` (this base's hooks) and both batches have one size, one
+        encoder pass over the concatenated batch gives what two passes give, up to float rounding, at
+        the cost of one pass's per-operation overhead. A base whose teacher sees another view
+        (HRDA's multi-resolution inference) gets the two passes."""
+        if extra is None:
+            return self.teacher(images), None
+        one_pass = (
+            type(self).teacher_features is DAFormer.teacher_features
+            and type(self.teacher.model).forward is Segmentor.forward
+            and images.shape[1:] == extra.shape[1:]
+        )
+        if not one_pass:
+            return self.teacher(images), self.teacher_features(extra)
+        features = self.teacher.model.forward_features(torch.cat([images, extra]))
+        batch = len(images)
+        logits = self.teacher.model.head([level[:batch] for level in features])
+        return logits, [level[batch:] for level in features]
+
     def supervised_losses(
         self, prefix: str, images: Tensor, labels: Tensor, weights: Tensor | None = None
     ) -> tuple[dict[str, Tensor], Tensor, list[Tensor]]:
@@ -173,11 +216,12 @@ class DAFormer(Method):
         )
         return self.params.feature_distance_weight * distance
 
-    def target_pseudo_labels(self, target: Batch) -> tuple[Tensor, Tensor]:
-        """Teacher pseudo-labels (B, H, W) and their weights (B, H, W) on the un-augmented target."""
+    def target_pseudo_labels(self, target: Batch, teacher_logits: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Teacher pseudo-labels (B, H, W) and their weights (B, H, W) on the un-augmented target, from
+        ``teacher_logits`` when the step has them (``teacher_pass``), else from a teacher pass here."""
         p = self.params
         labels, weights = pseudo_labels(
-            self.teacher(target.image),
+            self.teacher(target.image) if teacher_logits is None else teacher_logits,
             target.image.shape[-2:],
             threshold=p.pseudo_threshold,
             ignore_top=p.pseudo_ignore_top,
@@ -222,7 +266,10 @@ class DAFormer(Method):
     def step(self, source: Batch, target: Batch, step: int) -> dict[str, Tensor]:
         context = StepContext(step, source, target)
         losses = self.source_losses(context)
-        context.pseudo_labels, context.pseudo_weights = self.target_pseudo_labels(target)
+        teacher_logits, context.teacher_source_features = self.teacher_pass(
+            target.image, source.image if self.wants_teacher_source_features else None
+        )
+        context.pseudo_labels, context.pseudo_weights = self.target_pseudo_labels(target, teacher_logits)
         context.mixed_images, context.mixed_labels, context.mixed_weights = self.mixed_batch(
             source, target, context.pseudo_labels, context.pseudo_weights
         )

@@ -35,6 +35,11 @@ attention head is a SegFormer-style head (per-level linear embedding, 1x1 fusion
 DAFormer head with its ASPP replaced by a 1x1 convolution. Known difference: the official code also
 ignores a 30-pixel left and right margin of the pseudo-labels; here only DAFormer's top and bottom
 fractions are, which at HRDA's full-height crops equal its 30 and 240 rows.
+
+The encoder features add-ons read are those of the context view, as for the feature distance:
+``forward_train`` returns them for a training crop, and ``student_features`` and ``teacher_features``
+compute them for any other image (PiPa's patch crops, SePiCo's teacher statistics and its re-forwarded
+target), so that all of them lie on one grid of ``feature_stride`` = o / s input pixels per cell.
 """
 
 from __future__ import annotations
@@ -364,6 +369,23 @@ class HRDA(DAFormer):
         prediction = self.model.forward_crops(images, box)
         self.last_detail = DetailPrediction(prediction.detail, box)
         return prediction.fused, prediction.context_features
+
+    def student_features(self, images: Tensor) -> list[Tensor]:
+        """Student encoder features of the context view of ``images``, the features ``forward_train``
+        returns for a crop (what the feature distance and every add-on's contrast read), so that an
+        add-on's features of an image lie on the same grid (``feature_stride``) as the step's."""
+        return self.model.forward_features(self.model.context_view(images))
+
+    @torch.no_grad()
+    def teacher_features(self, images: Tensor) -> list[Tensor]:
+        """EMA-teacher encoder features of the context view of ``images``, aligned like ``student_features``."""
+        return self.teacher.model.forward_features(self.teacher.model.context_view(images))
+
+    @property
+    def feature_stride(self) -> int:
+        """Input pixels per cell of the context features' finest level: the encoder's finest reduction
+        over the context scale (the alignment of the detail crops, 8 for 4 and 0.5)."""
+        return self.model.alignment
 
     def multi_resolution_losses(
         self, prefix: str, fused: Tensor, labels: Tensor, weights: Tensor | None = None

@@ -16,7 +16,9 @@ L2-normalised projections of the concatenated multi-level encoder features (``Pr
 - patch-wise contrast (weight 0.1): two overlapping crops of each target image go through the network;
   the embeddings of one location in the overlap are a positive pair, embeddings whose pseudo-label is
   another class (in either crop) are the negatives (eq. 2-3, same form as above), symmetric in the two
-  crops.
+  crops. The crops go through the base's ``student_features``, so they are seen as the base sees its
+  training crops: on HRDA the context view (half resolution), whose features the pixel term and the
+  base's own losses read too, on cells of the base's ``feature_stride``.
 
 ``pipa_as_released`` switches the patch term to the authors' released code: computed on the frozen
 EMA teacher's features, so its gradient trains only the projection head and never the segmentation
@@ -226,7 +228,7 @@ class PiPa(AddOn):
         p = self.params
         images = context.target.image
         batch, _, height, width = images.shape
-        stride = self.model.reductions[0]
+        stride = self.feature_stride
         size, corners = overlapping_crops(height, width, p.pipa_crop_fraction, stride, batch, self.generator)
         crops, crop_labels = [], []
         pseudo = labels_where_weighted(context.pseudo_labels, context.pseudo_weights)
@@ -247,7 +249,7 @@ class PiPa(AddOn):
         if tuple(embeddings.shape[-2:]) != cells:
             raise RuntimeError(
                 f"pipa: crops of {size} gave a {tuple(embeddings.shape[-2:])} feature grid, expected {cells} "
-                f"(feature stride {stride}); the base's student_features must keep the finest stride"
+                f"(feature stride {stride}); the base's student_features must give cells of its feature_stride"
             )
         labels = majority_labels(torch.stack(crop_labels), cells, NUM_CLASSES, p.pipa_label_min_ratio)
         first, second = overlap_pairs(corners, size, stride)

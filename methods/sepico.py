@@ -29,7 +29,9 @@ The target cells are by default those of the base's mixed batch (``sepico_target
 colour-augmented target pixels with the teacher's pseudo-labels, plus the pasted source pixels with
 their labels, whose embeddings the step has already computed. The released code instead forwards the
 colour-augmented target image once more (``sepico_target_view: target``), which costs a student
-forward and backward pass per step.
+forward and backward pass per step. The teacher's source features come from the base's teacher pass
+over the target batch, run as one encoder pass over both batches where the base allows it
+(``DAFormer.teacher_pass``: the eval-mode teacher gives every image the features it gives it alone).
 
 The temperature follows the authors' convention: similarities are divided by tau = 100 (a large value
 they chose on purpose). Loss: ``sepico_weight * (L_source + L_target + sepico_reg_weight * L_reg)``.
@@ -208,6 +210,7 @@ class SePiCo(AddOn):
     Params = SePiCoParams
     search_space = {"sepico_weight": SearchRange(0.1, 10.0, log=True)}
     bases = ("daformer", "hrda")
+    wants_teacher_source_features = True
 
     def __init__(self, model, params=None, seed: int = 0, total_steps: int | None = None):
         super().__init__(model, params, seed, total_steps)
@@ -239,13 +242,18 @@ class SePiCo(AddOn):
 
     def sepico_update_statistics(self, context) -> Tensor:
         """Update the class statistics from the teacher's embeddings of the labelled source cells;
-        returns those cells' area-vote labels (B, h, w)."""
+        returns those cells' area-vote labels (B, h, w). The teacher's source features are those the
+        step computed in its teacher pass over the target batch (``wants_teacher_source_features``),
+        or computed here when the context has none."""
         if context.step > 0:
             # the teacher head follows the student head as the loop's EMA teacher follows the model:
             # this is the update after step t - 1, applied before step t reads it
             self.sepico_teacher_projection.update(self.sepico_projection, context.step - 1)
         source = context.source
-        teacher = self.sepico_teacher_projection(self.teacher_features(source.image))
+        features = context.teacher_source_features
+        if features is None:
+            features = self.teacher_features(source.image)
+        teacher = self.sepico_teacher_projection(features)
         cells = majority_labels(source.label, teacher.shape[-2:], NUM_CLASSES, self.params.sepico_label_min_ratio)
         self.sepico_statistics.update(*flatten_labelled(teacher, cells))
         return cells

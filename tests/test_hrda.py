@@ -194,3 +194,25 @@ def test_hrda_trains_and_tests_at_twice_the_benchmark_resolution():
 def test_bad_hrda_settings_stop_before_any_work(override, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("[", r"\[")):
         resolve(load_yaml(REPO / "params.yaml"), "mini-gta2cs", "hrda", seed=0, overrides=[override])
+
+
+def test_add_on_features_are_the_context_views_on_the_grid_of_the_feature_stride():
+    method = HRDA(_segmentor(), seed=0)
+    method.train()
+    images = _images(64, 64)
+    assert method.feature_stride == 8
+    _, context_features = method.forward_train(images)
+    student = method.student_features(images)
+    assert [tuple(f.shape) for f in student] == [tuple(f.shape) for f in context_features]
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(student, context_features))
+    assert student[0].shape[-2:] == (64 // 8, 64 // 8)
+    teacher = method.teacher_features(images)
+    assert [tuple(f.shape) for f in teacher] == [tuple(f.shape) for f in student]
+    with torch.no_grad():
+        expected = method.teacher.model.forward_features(method.model.context_view(images))
+    assert all(torch.equal(a, b) for a, b in zip(teacher, expected))
+    # the multi-resolution teacher keeps its own inference for the logits and gives the features apart
+    logits, features = method.teacher_pass(images, _images(64, 64, seed=1))
+    with torch.no_grad():
+        assert torch.allclose(logits, method.teacher(images))
+    assert features[0].shape[-2:] == (8, 8)

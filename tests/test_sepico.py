@@ -179,3 +179,49 @@ def test_class_statistics_bank_is_a_ring_per_class():
     assert stats.bank[1].tolist() == [[4.0, 4.0], [3.0, 3.0]]
     assert stats.bank[2, 0].tolist() == [5.0, 5.0] and stats.bank_filled[2].tolist() == [True, False]
     assert stats.bank_next.tolist() == [2, 1, 1]
+
+
+def _sepico_with_trained_teacher(seed: int):
+    """daformer+sepico whose teacher's BatchNorm running statistics are not the initial ones, so that a
+    teacher running on batch statistics would give other features."""
+    method = method_class("daformer+sepico")(tiny_model(), seed=seed)
+    generator = torch.Generator().manual_seed(1)
+    for name, buffer in method.teacher.model.named_buffers():
+        if name.endswith("running_mean"):
+            buffer.copy_(0.1 * torch.randn(buffer.shape, generator=generator))
+        elif name.endswith("running_var"):
+            buffer.copy_(0.5 + torch.rand(buffer.shape, generator=generator))
+    method.train()
+    return method
+
+
+def test_one_teacher_pass_over_both_batches_gives_what_two_passes_give():
+    method = _sepico_with_trained_teacher(seed=0)
+    source, target = two_class_batch(0), two_class_batch(1)
+    logits, features = method.teacher_pass(target.image, source.image)
+    assert torch.allclose(logits, method.teacher(target.image), atol=1e-5)
+    alone = method.teacher_features(source.image)
+    assert len(features) == len(alone)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(features, alone))
+    assert method.teacher_pass(target.image)[1] is None
+
+
+def test_sepico_step_with_the_batched_teacher_pass_equals_the_separate_passes():
+    # the same method, seed and batches; one reads the teacher's source features from the step's teacher
+    # pass over both batches, the other computes them in a teacher pass of its own
+    batched, separate = _sepico_with_trained_teacher(seed=0), _sepico_with_trained_teacher(seed=0)
+    separate.wants_teacher_source_features = False
+    source, target = two_class_batch(0), Batch(two_class_batch(1).image)
+    for step in range(2):
+        torch.manual_seed(step)  # the decode head's dropout draws from the global generator
+        first = batched.step(source, target, step)
+        torch.manual_seed(step)
+        second = separate.step(source, target, step)
+        assert set(first) == set(second)
+        for name in first:
+            assert first[name].item() == pytest.approx(second[name].item(), rel=1e-4, abs=1e-6), name
+    for name in ("count", "mean", "variance"):
+        assert torch.allclose(
+            getattr(batched.sepico_statistics, name), getattr(separate.sepico_statistics, name), atol=1e-5
+        ), name
+    assert batched.sepico_statistics.count.sum() > 0
