@@ -23,20 +23,34 @@ class EMATeacher(nn.Module):
 
     ``alpha_t = min(1 - 1 / (t + 1), alpha_max)`` (DAFormer eq. 5 with alpha_max = 0.999), so the
     teacher follows the student closely at first. Parameters and floating-point buffers (BatchNorm
-    statistics) are averaged; the teacher always runs in eval mode (no dropout, running statistics).
+    statistics) are averaged. The teacher runs without dropout or drop path; its BatchNorm layers
+    normalise with their running statistics, or with ``batch_statistics`` with the statistics of the
+    batch they see, as the released DAFormer code's teacher does (it stays in training mode with only
+    dropout and drop path switched off, ``mmseg/models/uda/dacs.py``). Those batch statistics never
+    move the running ones (momentum 0), so the averaged buffers stay the student's average.
     """
 
-    def __init__(self, student: nn.Module, alpha_max: float = 0.999):
+    def __init__(self, student: nn.Module, alpha_max: float = 0.999, batch_statistics: bool = False):
         super().__init__()
         self.alpha_max = alpha_max
+        self.batch_statistics = batch_statistics
         self.model = copy.deepcopy(student)
         for parameter in self.model.parameters():
             parameter.requires_grad_(False)
-        self.model.eval()
+        if batch_statistics:
+            for module in self._batch_norms():
+                module.momentum = 0.0
+        self.train(self.training)
+
+    def _batch_norms(self) -> list[nn.Module]:
+        return [m for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
     def train(self, mode: bool = True) -> EMATeacher:
         super().train(mode)
         self.model.eval()
+        if self.batch_statistics:
+            for module in self._batch_norms():
+                module.train()
         return self
 
     def alpha(self, step: int) -> float:

@@ -73,6 +73,10 @@ class DAFormerParams(Params):
     blur_probability: float = 0.5
     #: Upper bound of the EMA momentum, alpha_t = min(1 - 1/(t+1), ema_alpha).
     ema_alpha: float = 0.999
+    #: The teacher's BatchNorm layers normalise each pseudo-labelled batch with its own statistics, as
+    #: the released code's teacher (kept in training mode, dropout and drop path off); the paper does not
+    #: say. False: the running statistics averaged from the student (eval mode).
+    teacher_batch_statistics: bool = True
     #: Thing-class feature distance to the frozen reference encoder.
     feature_distance: bool = True
     feature_distance_weight: float = 0.005
@@ -121,7 +125,7 @@ class DAFormer(Method):
     def __init__(self, model, params: DAFormerParams | None = None, seed: int = 0, total_steps: int | None = None):
         super().__init__(model, params, seed, total_steps)
         p = self.params
-        self.teacher = EMATeacher(model, alpha_max=p.ema_alpha)
+        self.teacher = EMATeacher(model, alpha_max=p.ema_alpha, batch_statistics=p.teacher_batch_statistics)
         self.reference_encoder = None
         if p.feature_distance:
             self.reference_encoder = copy.deepcopy(model.encoder).eval()
@@ -163,16 +167,18 @@ class DAFormer(Method):
         """The EMA teacher's logits of ``images`` (B, 3, H, W) and, when ``extra`` is given, its
         ``teacher_features`` of ``extra`` (None otherwise).
 
-        The teacher always runs in eval mode (``EMATeacher``), so every image's output is independent
-        of the rest of the batch (BatchNorm uses its running statistics): where the logits are the
-        decode head on ``teacher_features`` (this base's hooks) and both batches have one size, one
-        encoder pass over the concatenated batch gives what two passes give, up to float rounding, at
-        the cost of one pass's per-operation overhead. A base whose teacher sees another view
-        (HRDA's multi-resolution inference) gets the two passes."""
+        When the teacher's BatchNorm uses its running statistics (``teacher_batch_statistics`` off),
+        every image's output is independent of the rest of the batch: where the logits are the decode
+        head on ``teacher_features`` (this base's hooks) and both batches have one size, one encoder
+        pass over the concatenated batch gives what two passes give, up to float rounding, at the cost
+        of one pass's per-operation overhead. With batch statistics each batch must be normalised by
+        its own, and a base whose teacher sees another view (HRDA's multi-resolution inference) gets
+        the two passes too."""
         if extra is None:
             return self.teacher(images), None
         one_pass = (
-            type(self).teacher_features is DAFormer.teacher_features
+            not self.teacher.batch_statistics
+            and type(self).teacher_features is DAFormer.teacher_features
             and type(self.teacher.model).forward is Segmentor.forward
             and images.shape[1:] == extra.shape[1:]
         )

@@ -230,6 +230,31 @@ def test_projection_head_concatenates_levels_and_normalises():
     assert labels_where_weighted(labels, weights).tolist() == [[[1, 255], [3, 255]]]
 
 
+def test_ema_teacher_on_batch_statistics_normalises_with_the_batch_and_keeps_the_running_ones():
+    torch.manual_seed(0)
+    student = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4), torch.nn.Conv2d(4, 2, 1))
+    with torch.no_grad():
+        student[1].running_mean.fill_(0.3)
+        student[1].running_var.fill_(2.0)
+    images = torch.randn(2, 3, 5, 5)
+    released, running = EMATeacher(student, batch_statistics=True), EMATeacher(student)
+    for teacher in (released, running):
+        teacher.train()
+        teacher.eval()  # the module's mode never changes how the teacher normalises
+    expected = copy.deepcopy(student).train()(images).detach()
+    assert torch.allclose(released(images), expected, atol=1e-6)
+    assert torch.allclose(running(images), student.eval()(images).detach(), atol=1e-6)
+    assert not torch.allclose(released(images), running(images), atol=1e-3)
+    # the batch statistics never move the running ones, which stay the student's average
+    assert torch.equal(released.model[1].running_mean, torch.full((4,), 0.3))
+    assert torch.equal(released.model[1].running_var, torch.full((4,), 2.0))
+    # and the averaging reaches them as before
+    with torch.no_grad():
+        student[1].running_mean.fill_(1.3)
+    released.update(student, step=1)  # alpha = 0.5
+    assert torch.allclose(released.model[1].running_mean, torch.full((4,), 0.8))
+
+
 def test_ema_teacher_averages_every_parameter_and_float_buffer_and_copies_counters():
     student = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4), torch.nn.Conv2d(4, 2, 1))
     teacher = EMATeacher(student)

@@ -181,10 +181,11 @@ def test_class_statistics_bank_is_a_ring_per_class():
     assert stats.bank_next.tolist() == [2, 1, 1]
 
 
-def _sepico_with_trained_teacher(seed: int):
+def _sepico_with_trained_teacher(seed: int, batch_statistics: bool = False):
     """daformer+sepico whose teacher's BatchNorm running statistics are not the initial ones, so that a
-    teacher running on batch statistics would give other features."""
-    method = method_class("daformer+sepico")(tiny_model(), seed=seed)
+    teacher running on batch statistics gives other features than one running on them."""
+    cls = method_class("daformer+sepico")
+    method = cls(tiny_model(), cls.Params(teacher_batch_statistics=batch_statistics), seed=seed)
     generator = torch.Generator().manual_seed(1)
     for name, buffer in method.teacher.model.named_buffers():
         if name.endswith("running_mean"):
@@ -204,6 +205,19 @@ def test_one_teacher_pass_over_both_batches_gives_what_two_passes_give():
     assert len(features) == len(alone)
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(features, alone))
     assert method.teacher_pass(target.image)[1] is None
+
+
+def test_a_teacher_on_batch_statistics_normalises_each_batch_by_its_own():
+    # as released: the source batch's features must not depend on the target batch beside it
+    method = _sepico_with_trained_teacher(seed=0, batch_statistics=True)
+    source, target = two_class_batch(0), two_class_batch(1)
+    logits, features = method.teacher_pass(target.image, source.image)
+    assert torch.allclose(logits, method.teacher(target.image), atol=1e-5)
+    alone = method.teacher_features(source.image)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(features, alone))
+    with torch.no_grad():
+        together = method.teacher.model.forward_features(torch.cat([target.image, source.image]))
+    assert not torch.allclose(together[-1][len(target.image) :], alone[-1], atol=1e-3)
 
 
 def test_sepico_step_with_the_batched_teacher_pass_equals_the_separate_passes():
