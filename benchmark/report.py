@@ -235,18 +235,20 @@ def cost_points(board: pd.DataFrame, cost: pd.DataFrame) -> pd.DataFrame:
     return board.merge(cost[[*keys, "step_time_s"]], on=keys, how="inner")
 
 
-def _label_offsets(x: list[float], y: list[float]) -> list[tuple[int, int]]:
-    """Offsets (in points) of the point labels of a scatter plot: above right, or below right for a
-    point with a near neighbour just above it, whose label would otherwise cover its own."""
+def _label_offsets(x: list[float], y: list[float]) -> list[tuple[int, int, str]]:
+    """Placement of the point labels of a scatter plot, as (x offset, y offset in points, horizontal
+    alignment): above right by default; left of the point when a neighbour sits where the label would
+    run (close to its right at about its height); below when a near neighbour sits just above it,
+    whose label would otherwise cover its own."""
     span_x = (max(x) - min(x)) or 1.0
     span_y = (max(y) - min(y)) or 1.0
-    offsets = []
+    placements = []
     for i, (xi, yi) in enumerate(zip(x, y)):
-        crowded = any(
-            j != i and abs(xj - xi) < 0.12 * span_x and 0 <= yj - yi < 0.08 * span_y for j, (xj, yj) in enumerate(zip(x, y))
-        )
-        offsets.append((5, -11) if crowded else (5, 4))
-    return offsets
+        others = [(xj, yj) for j, (xj, yj) in enumerate(zip(x, y)) if j != i]
+        right = any(0 < xj - xi < 0.14 * span_x and abs(yj - yi) < 0.06 * span_y for xj, yj in others)
+        above = any(abs(xj - xi) < 0.12 * span_x and 0 <= yj - yi < 0.08 * span_y for xj, yj in others)
+        placements.append((-5 if right else 5, -11 if above else 4, "right" if right else "left"))
+    return placements
 
 
 def figure_cost(points: pd.DataFrame):
@@ -257,9 +259,12 @@ def figure_cost(points: pd.DataFrame):
         metric = headline(rows["protocol"].iloc[0])
         sns.scatterplot(data=rows, x="step_time_s", y=f"{metric}_mean", hue="method", s=60, ax=ax, legend=False)
         ax.errorbar(rows["step_time_s"], rows[f"{metric}_mean"], yerr=rows[f"{metric}_std"].fillna(0), fmt="none", ecolor="grey", capsize=3, linewidth=1)
-        offsets = _label_offsets(list(rows["step_time_s"]), list(rows[f"{metric}_mean"]))
-        for (_, row), offset in zip(rows.iterrows(), offsets):
-            ax.annotate(row["method"], (row["step_time_s"], row[f"{metric}_mean"]), xytext=offset, textcoords="offset points", fontsize=8)
+        placements = _label_offsets(list(rows["step_time_s"]), list(rows[f"{metric}_mean"]))
+        for (_, row), (dx, dy, align) in zip(rows.iterrows(), placements):
+            ax.annotate(
+                row["method"], (row["step_time_s"], row[f"{metric}_mean"]), xytext=(dx, dy),
+                textcoords="offset points", fontsize=8, ha=align,
+            )
         ax.set_title(benchmark)
         ax.set_xlabel("median training-step time (s)")
         ax.set_ylabel(f"target-test {METRIC_LABELS[metric]} (%)")

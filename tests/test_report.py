@@ -153,9 +153,14 @@ def test_figures_are_byte_identical_across_runs(tmp_path, golden):
 def test_labels_of_crowded_points_move_below_their_point():
     from benchmark.report import _label_offsets
 
-    # daformer just below daformer+sepico (as in the default run): its label goes under its point
-    x, y = [0.06, 0.17, 0.20, 0.57], [13.3, 16.1, 16.2, 17.0]
-    offsets = _label_offsets(x, y)
-    assert offsets[1][1] < 0 < offsets[2][1]
-    assert offsets[0][1] > 0 and offsets[3][1] > 0
-    assert _label_offsets([0.1], [5.0]) == [(5, 4)]
+    # daformer just below daformer+sepico: its label goes under its point
+    x, y = [0.06, 0.17, 0.17, 0.57], [13.3, 16.1, 16.3, 17.0]
+    placements = _label_offsets(x, y)
+    assert placements[1][1] < 0 < placements[2][1]
+    assert placements[0][1] > 0 and placements[3][1] > 0
+    assert all(p[0] > 0 and p[2] == "left" for p in placements)
+    # daformer with daformer+mic just right of it at its height: its label goes left of its point
+    placements = _label_offsets([0.06, 0.153, 0.202, 0.46], [13.3, 17.48, 17.56, 17.98])
+    assert placements[1][0] < 0 and placements[1][2] == "right"
+    assert placements[2][0] > 0 and placements[2][2] == "left"
+    assert _label_offsets([0.1], [5.0]) == [(5, 4, "left")]
