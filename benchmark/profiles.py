@@ -30,6 +30,10 @@ class ModelConfig:
     embed_dim: int = 32
     #: A local file with ImageNet weights of the encoder (nothing is downloaded); null: from scratch.
     pretrained: str | None = None
+    #: Momentum of the segmentor's BatchNorm running statistics (what evaluation normalises with);
+    #: null: each layer's own (PyTorch's 0.1). On batches of two small crops, 0.1 averages the last
+    #: ten or so noisy batch statistics.
+    batch_norm_momentum: float | None = None
 
 
 @dataclass
@@ -170,6 +174,11 @@ def _validate(run: RunConfig, processes: int = 1) -> None:
         hint = f"; close names: {', '.join(close)}" if close else ""
         raise ConfigError(f"{prefix}.model.encoder: {model.encoder!r} is not a timm model (see timm.list_models()){hint}")
     _check(model.embed_dim > 0, f"{prefix}.model.embed_dim must be > 0, got {model.embed_dim}")
+    momentum = model.batch_norm_momentum
+    _check(
+        momentum is None or 0.0 < momentum <= 1.0,
+        f"{prefix}.model.batch_norm_momentum must be in (0, 1] or null, got {momentum}",
+    )
 
     optim = settings.optim
     _check(optim.steps > 0, f"{prefix}.optim.steps must be > 0, got {optim.steps}")

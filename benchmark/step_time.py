@@ -38,6 +38,7 @@ from benchmark.train import (
     build_model,
     build_optimizer,
     method_settings,
+    placed,
     training_data,
 )
 from methods import Method, method_class
@@ -77,7 +78,7 @@ def build_contenders(
         source, source_sampler, target, target_sampler = training_data(run, method_cls.uses_target_labels, hyper)
         torch.manual_seed(seed)
         model = build_model(run)
-        method = method_cls(model, hyper, seed=seed, total_steps=run.settings.optim.steps).to(world.device)
+        method = placed(method_cls(model, hyper, seed=seed, total_steps=run.settings.optim.steps), world.device)
         method.train()
         contenders.append(
             Contender(

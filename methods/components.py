@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -216,11 +217,18 @@ def majority_labels(labels: Tensor, size: tuple[int, int], num_classes: int, min
 
 
 def feature_distance(
-    features: Tensor, reference: Tensor, labels: Tensor, classes: Tensor, num_classes: int, min_ratio: float = 0.75
+    features: Tensor,
+    reference: Tensor | Callable[[], Tensor],
+    labels: Tensor,
+    classes: Tensor,
+    num_classes: int,
+    min_ratio: float = 0.75,
 ) -> Tensor:
     """DAFormer's thing-class ImageNet feature distance (sec. 3.4, eq. 7-8): mean L2 distance between
     the student's and the frozen reference encoder's features, over feature cells dominated
     (>= ``min_ratio``) by one of ``classes``. Returns 0 (with a graph) when no cell qualifies.
+    ``reference`` may be given as a function computing it, called only when some cell qualifies, so
+    that a batch without thing cells costs no pass of the reference encoder.
 
     features, reference: (B, C, h, w); labels: (B, H, W); classes: (K,) trainIds.
     """
@@ -228,6 +236,8 @@ def feature_distance(
     mask = torch.isin(cells, classes.to(cells.device))
     if not mask.any():
         return features.sum() * 0.0
+    if callable(reference):
+        reference = reference()
     distance = (features - reference.detach()).norm(dim=1)
     return distance[mask].mean()
 

@@ -215,8 +215,10 @@ class DAFormer(Method):
         images: (B, 3, H, W) as the student's encoder saw them; labels: (B, H', W') of the same field of
         view at any resolution; features: the student's levels, the last one compared.
         """
-        with torch.no_grad():
-            reference = self.reference_encoder(images)[self.model.levels[-1]]
+        @torch.no_grad()
+        def reference() -> Tensor:  # run only when a cell of the batch is a thing class
+            return self.reference_encoder(images)[self.model.levels[-1]]
+
         distance = feature_distance(
             features[-1], reference, labels, self.thing_ids, NUM_CLASSES, self.params.feature_distance_min_ratio
         )

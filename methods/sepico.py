@@ -82,8 +82,10 @@ class SePiCoParams:
     sepico_start_fraction: float = 3000 / 40000
     #: Class means kept per class by BankCL.
     sepico_bank_size: int = 200
-    #: Embedding width of the projection head.
-    sepico_projection_dim: int = 512
+    #: Embedding width of the projection head; null: twice the decode head's width, which is the
+    #: released DAFormer-based setup's 512 with DAFormer's 256-wide head (its ``channels = 512``), and
+    #: keeps the same ratio on a narrower profile (64 on the embedded profile's 32-wide head).
+    sepico_projection_dim: int | None = None
     #: A feature cell gets a class when the class covers this fraction of its pixels.
     sepico_label_min_ratio: float = 0.75
 
@@ -92,6 +94,8 @@ class SePiCoParams:
             raise ValueError(f"sepico_temperature must be > 0, got {self.sepico_temperature}")
         if not 0.0 <= self.sepico_start_fraction <= 1.0:
             raise ValueError(f"sepico_start_fraction must be in [0, 1], got {self.sepico_start_fraction}")
+        if self.sepico_projection_dim is not None and self.sepico_projection_dim <= 0:
+            raise ValueError(f"sepico_projection_dim must be > 0 or null, got {self.sepico_projection_dim}")
 
 
 # ---- the losses ------------------------------------------------------------------------------------
@@ -216,10 +220,11 @@ class SePiCo(AddOn):
         super().__init__(model, params, seed, total_steps)
         p = self.params
         channels = self.model.channels
-        self.sepico_projection = ProjectionHead(channels, p.sepico_projection_dim, sum(channels) // len(channels))
+        width = p.sepico_projection_dim or 2 * self.model.head.embed_dim
+        self.sepico_projection = ProjectionHead(channels, width, sum(channels) // len(channels))
         # the class statistics come from teacher embeddings: an EMA copy of the projection head
         self.sepico_teacher_projection = EMATeacher(self.sepico_projection, alpha_max=p.ema_alpha)
-        self.sepico_statistics = ClassStatistics(NUM_CLASSES, p.sepico_projection_dim, p.sepico_bank_size)
+        self.sepico_statistics = ClassStatistics(NUM_CLASSES, width, p.sepico_bank_size)
 
     def sepico_contrast(self, features: Tensor, labels: Tensor) -> Tensor:
         """The chosen variant on (N, D) embeddings with (N,) labels."""

@@ -177,6 +177,17 @@ def test_majority_labels_and_feature_distance_by_hand():
     assert feature_distance(features, reference, labels, things, NUM_CLASSES).item() == pytest.approx(2.5)
     road_only = torch.full((1, 4, 4), TRAIN_ID["road"])
     assert feature_distance(features.requires_grad_(), reference, road_only, things, NUM_CLASSES).item() == 0.0
+    # a reference given as a function is computed only when some cell is a thing class
+    calls = []
+
+    def lazy_reference():
+        calls.append(1)
+        return reference
+
+    assert feature_distance(features, lazy_reference, road_only, things, NUM_CLASSES).item() == 0.0
+    assert calls == []
+    assert feature_distance(features, lazy_reference, labels, things, NUM_CLASSES).item() == pytest.approx(2.5)
+    assert calls == [1]
 
 
 def test_cross_entropy_ignores_255_and_handles_an_empty_batch():

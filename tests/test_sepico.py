@@ -166,6 +166,19 @@ def test_sepico_switches_select_the_terms_and_the_variant():
     assert method.addon_losses(context)["sepico_target"].item() == 0.0
 
 
+def test_projection_width_is_twice_the_decode_head_width_unless_given():
+    # the released DAFormer-based setup: 512-wide embeddings on a 256-wide head; the tiny head is 16 wide
+    method = method_class("daformer+sepico")(tiny_model())
+    assert method.sepico_projection.layers[-1].out_channels == 32
+    assert method.sepico_statistics.mean.shape == (NUM_CLASSES, 32)
+    params = method_class("daformer+sepico").Params(sepico_projection_dim=24)
+    method = method_class("daformer+sepico")(tiny_model(), params)
+    assert method.sepico_projection.layers[-1].out_channels == 24
+    assert method.sepico_statistics.mean.shape == (NUM_CLASSES, 24)
+    with pytest.raises(ValueError, match="sepico_projection_dim"):
+        method_class("daformer+sepico").Params(sepico_projection_dim=0)
+
+
 def test_class_statistics_bank_is_a_ring_per_class():
     stats = ClassStatistics(num_classes=3, dim=2, bank_size=2)
     means = []

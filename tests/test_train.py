@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 import yaml
 
 from benchmark import train
@@ -43,6 +44,7 @@ def test_learning_rate_schedule_is_warmup_then_linear_decay():
         (["model.head=unet"], "daformer", "mini-gta2cs", "profiles.tiny.model.head: 'unet' is not one of ['daformer', 'segformer']"),
         (["model.encoder=efficientvit_b9"], "daformer", "mini-gta2cs", "model.encoder: 'efficientvit_b9' is not a timm model (see timm.list_models()); close names: efficientvit_b"),
         (["model.embed_dim=0"], "daformer", "mini-gta2cs", "profiles.tiny.model.embed_dim must be > 0, got 0"),
+        (["model.batch_norm_momentum=0"], "daformer", "mini-gta2cs", "profiles.tiny.model.batch_norm_momentum must be in (0, 1] or null, got 0.0"),
         (["optim.lr=-1"], "daformer", "mini-gta2cs", "profiles.tiny.optim.lr must be > 0, got -1.0"),
         (["optim.warmup_steps=-2"], "daformer", "mini-gta2cs", "profiles.tiny.optim.warmup_steps must be >= 0"),
         (["optim.weight_decay=-0.1"], "daformer", "mini-gta2cs", "profiles.tiny.optim.weight_decay must be >= 0"),
@@ -89,6 +91,15 @@ def test_batch_must_split_over_the_processes(tmp_path):
     resolve(tiny_params(tmp_path), "mini-gta2cs", "daformer", seed=0, overrides=["optim.batch_size=4"], processes=2)
     with pytest.raises(ConfigError, match=r"optim.batch_size: 3 images per step \(all processes together\) do not split over 2 processes; use a multiple of 2"):
         resolve(tiny_params(tmp_path), "mini-gta2cs", "daformer", seed=0, overrides=["optim.batch_size=3"], processes=2)
+
+
+def test_batch_norm_momentum_reaches_every_batch_norm_layer_of_the_segmentor(tmp_path):
+    params = tiny_params(tmp_path / "never_read")
+    layers = lambda model: [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    default = train.build_model(resolve(params, "mini-gta2cs", "daformer", seed=0))
+    assert layers(default) and {m.momentum for m in layers(default)} == {0.1}
+    run = resolve(params, "mini-gta2cs", "daformer", seed=0, overrides=["model.batch_norm_momentum=0.01"])
+    assert {m.momentum for m in layers(train.build_model(run))} == {0.01}
 
 
 def test_committed_params_resolve_for_every_benchmark_and_method():
