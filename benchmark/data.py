@@ -132,7 +132,8 @@ class SegmentationDataset(torch.utils.data.Dataset):
     With ``cache``, decoded frames are kept in memory (``FRAMES``, shared by every dataset of the
     process that reads the same files) and a background thread decodes the split's frames ahead of
     use (``warm_up``), so that the training step does not wait on PNG decoding the first time it
-    meets a frame. A frame is the same whether it was decoded ahead or on demand.
+    meets a frame. A frame is the same whether it was decoded ahead or on demand. A cached frame is
+    also resized to ``augment.scale`` only once (``_scaled``), not at every draw.
     """
 
     def __init__(
@@ -154,6 +155,8 @@ class SegmentationDataset(torch.utils.data.Dataset):
         self.eval_scale = eval_scale
         self.min_crop_class_pixels = min_crop_class_pixels
         self.cache = cache
+        #: index -> (the decoded image it was made from, size, resized image, resized label)
+        self._resized: dict[int, tuple] = {}
         if not self.manifest.frames:
             raise DatasetFormatError(f"{self.root}/manifests/{split}.json lists no frames")
         if cache:
@@ -183,12 +186,30 @@ class SegmentationDataset(torch.utils.data.Dataset):
             FRAMES.put(image_path, label_path, image, label)
         return image, label
 
+    def _scaled(self, index: int, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray | None]:
+        """The frame resized to ``size``. With ``cache`` the resized arrays are kept (read-only, as
+        the decoded ones) while ``_load`` keeps returning the very decoded image they were made from,
+        so a frame that changed on disk is resized again."""
+        image, label = self._load(index)
+        if not self.cache:
+            return resize(image, label, size)
+        kept = self._resized.get(index)
+        if kept is not None and kept[0] is image and kept[1] == size:
+            return kept[2], kept[3]
+        resized_image, resized_label = resize(image, label, size)
+        for array in (resized_image, resized_label):
+            if array is not None:
+                array.flags.writeable = False
+        self._resized[index] = (image, size, resized_image, resized_label)
+        return resized_image, resized_label
+
     def _augmented(self, request: SampleRequest) -> tuple[np.ndarray, np.ndarray | None]:
-        image, label = self._load(request.index)
         rng = np.random.default_rng(request.seed)
         augment = self.augment
         if augment.scale is not None:
-            image, label = resize(image, label, augment.scale)
+            image, label = self._scaled(request.index, augment.scale)
+        else:
+            image, label = self._load(request.index)
         attempts = RARE_CLASS_CROP_ATTEMPTS if (request.required_class >= 0 and label is not None) else 1
         for _ in range(attempts):
             cropped_image, cropped_label = image, label

@@ -156,3 +156,24 @@ def test_cached_frames_are_decoded_ahead_shared_and_refreshed_when_the_file_chan
     stamp = image_path.stat()
     os.utime(image_path, ns=(stamp.st_atime_ns, stamp.st_mtime_ns + 10**9))  # a distinct modification time
     assert np.array_equal(cached._load(2)[0], 255 - replacement)  # a changed file is read again
+
+
+def test_a_cached_frame_is_resized_once_and_again_when_its_file_changes(gta_root):
+    FRAMES.clear()
+    scale = (36, 64)
+    plain = SegmentationDataset(gta_root, "source_train", augment=Augment(scale=scale, crop=(32, 32)))
+    cached = SegmentationDataset(gta_root, "source_train", augment=Augment(scale=scale, crop=(32, 32)), cache=True)
+    for seed in range(4):  # the same crops, flips and values as resizing at every draw
+        request = SampleRequest(1, seed=seed)
+        for key in ("image", "label"):
+            assert torch.equal(cached[request][key], plain[request][key])
+    first = cached._scaled(1, scale)
+    assert first[0].shape[:2] == scale and not first[0].flags.writeable
+    assert cached._scaled(1, scale)[0] is first[0]  # kept, not resized again
+    image_path, _ = cached._paths(1)
+    write_bytes_atomic(image_path, encode_image(np.ascontiguousarray(255 - cached._load(1)[0])))
+    stamp = image_path.stat()
+    os.utime(image_path, ns=(stamp.st_atime_ns, stamp.st_mtime_ns + 10**9))
+    again = cached._scaled(1, scale)
+    assert again[0] is not first[0]
+    assert np.array_equal(again[0], plain._scaled(1, scale)[0])  # resized from the new file
