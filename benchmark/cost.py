@@ -8,11 +8,12 @@ which builds each method, its loaders and optimiser as ``train.py`` does), so lo
 elsewhere falls on all of them alike; the ratios are the robust figures, absolute times vary with the
 machine's load. Per method (one row of ``results/cost.csv``):
 
-- ``step_time_s``: median seconds of a training iteration, drawing the batches included;
+- ``step_time_s``: median seconds of a training iteration, taking the batches included;
   ``ratio_to_daformer``: the median over rounds of its iteration time over daformer's in the same
   round (paired, so a slow stretch of the machine cancels; empty when daformer is not measured);
-  ``data_time_s``: median seconds drawing the batches; ``data_share``: total drawing time over total
-  iteration time.
+  ``data_time_s``: median seconds the iteration waits for its batches (the loop's loaders draw them
+  ahead, in worker processes or a background thread: ``train._batches``), the time the data
+  starves the step; ``data_share``: total waiting time over total iteration time.
 - ``flops_per_step``: floating-point operations of one step (forward, backward; counted by
   ``torch.utils.flop_counter.FlopCounterMode``, which counts matrix products and convolutions, the
   bulk of the work; the optimiser's element-wise updates are not counted).

@@ -13,6 +13,7 @@ loader workers, and a resumed run sees the same batches.
 
 from __future__ import annotations
 
+import functools
 import os
 import queue
 import threading
@@ -114,10 +115,25 @@ def random_crop(
     return image, label
 
 
+@functools.lru_cache(maxsize=16)
+def _row_constants(width: int) -> tuple[np.ndarray, np.ndarray]:
+    """ImageNet mean and std repeated along an (H, W, 3) image's row of ``width`` pixels, (3 W,)."""
+    return tuple(np.tile(np.array(values, dtype=np.float32), width) for values in (IMAGENET_MEAN, IMAGENET_STD))
+
+
 def to_tensor(image: np.ndarray) -> torch.Tensor:
-    """(H, W, 3) uint8 -> normalised (3, H, W) float32."""
-    tensor = torch.from_numpy(image.astype(np.float32) / 255.0).permute(2, 0, 1)
-    return normalize(tensor[None])[0]
+    """(H, W, 3) uint8 -> normalised (3, H, W) float32, a channels-last view of the (H, W, 3) array.
+
+    The float32 operations of ``normalize`` (divide by 255, subtract the mean, divide by the std),
+    done in place in numpy on rows of 3 W values: the same values to the bit in about a tenth of the
+    time (no tensor per constant and operation, no inner loop of 3 channels)."""
+    height, width = image.shape[:2]
+    mean, std = _row_constants(width)
+    rows = image.astype(np.float32).reshape(height, 3 * width)
+    rows /= np.float32(255.0)
+    rows -= mean
+    rows /= std
+    return torch.from_numpy(rows.reshape(height, width, 3)).permute(2, 0, 1)
 
 
 class SegmentationDataset(torch.utils.data.Dataset):
@@ -384,3 +400,72 @@ class RareClassSampler(InfiniteSampler):
             index = int(self.rng.choice(self.frames_with_class[train_id]))
             yield SampleRequest(index, int(self.rng.integers(2**63)), required_class=train_id)
 
+
+
+class Prefetcher:
+    """The items of ``iterator``, drawn ``depth`` ahead in a background thread.
+
+    A loader without worker processes draws its batches in the training loop's own thread, between
+    steps; drawn here they are ready when the step asks (the decoding, resizing and cropping are numpy
+    and OpenCV work that runs beside the step's kernels). Items come in the iterator's order, so
+    batches are unchanged: their randomness is in the sampler's requests (``SampleRequest``), not in
+    which thread draws them. An exception raised while drawing an item is raised by the ``next`` that
+    would have returned it. The thread stops when the iterator ends or fails, or when the prefetcher
+    is closed or collected.
+    """
+
+    def __init__(self, iterator: Iterator, depth: int = 2):
+        if depth < 1:
+            raise ValueError(f"prefetch depth must be >= 1, got {depth}")
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._done = False
+        # the thread holds the queue and the event, not the prefetcher, so that dropping the last
+        # reference to the prefetcher collects it and its finaliser stops the thread
+        self._thread = threading.Thread(
+            target=_prefetch_loop, args=(iterator, self._queue, self._stop), name="batch-prefetch", daemon=True
+        )
+        self._thread.start()
+
+    def __iter__(self) -> Prefetcher:
+        return self
+
+    def __next__(self):
+        if self._done:
+            raise StopIteration
+        kind, value = self._queue.get()
+        if kind == "item":
+            return value
+        self._done = True
+        self._stop.set()
+        if kind == "error":
+            raise value
+        raise StopIteration
+
+    def close(self) -> None:
+        """Stop the thread (within a tenth of a second); items not yet taken are dropped."""
+        self._done = True
+        self._stop.set()
+
+    def __del__(self) -> None:
+        stop = getattr(self, "_stop", None)  # absent when the constructor refused its arguments
+        if stop is not None:
+            stop.set()
+
+
+def _prefetch_loop(iterator: Iterator, pending: queue.Queue, stop: threading.Event) -> None:
+    while not stop.is_set():
+        try:
+            entry = ("item", next(iterator))
+        except StopIteration:
+            entry = ("end", None)
+        except BaseException as error:  # noqa: BLE001  handed to the consumer, which raises it
+            entry = ("error", error)
+        while not stop.is_set():
+            try:
+                pending.put(entry, timeout=0.1)
+                break
+            except queue.Full:
+                continue
+        if entry[0] != "item":
+            return

@@ -8,7 +8,7 @@ own scales, so HRDA draws its crops at twice the benchmark's resolution; its sam
 optimiser), and takes ``--warmup`` untimed and ``--steps`` timed steps. The methods' steps are
 interleaved, alternating which one goes first, so that load on the machine from elsewhere falls on all
 of them alike. A step is the loop's work per iteration once its batches are drawn: the method's
-losses, backward, the optimiser step and the EMA update; drawing the batches is timed apart
+losses, backward, the optimiser step and the EMA update; taking the batches is timed apart
 (``benchmark/cost.py`` reports it as the data loader's share). The models keep their initial weights
 (the step's cost does not depend on them); their steps are numbered from the middle of the
 run on, where every loss term is active. Prints every method's median step time and its ratio to the
@@ -101,7 +101,7 @@ def _synchronise(device: torch.device) -> None:
 
 def timed_step(contender: Contender, index: int) -> tuple[float, float]:
     """One training iteration of ``contender`` (step ``first_step + index`` of its run): seconds
-    drawing its batches, seconds of its step."""
+    waiting for its batches (drawn ahead by its loaders), seconds of its step."""
     step = contender.first_step + index
     _synchronise(contender.device)
     started = time.perf_counter()

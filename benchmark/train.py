@@ -51,7 +51,7 @@ from benchmark import distributed, launch
 from benchmark.checkpoint import CheckpointError
 from benchmark.classes import CLASSES, NUM_CLASSES
 from benchmark.config import ConfigError, to_mapping
-from benchmark.data import Augment, InfiniteSampler, RareClassSampler, SegmentationDataset
+from benchmark.data import Augment, InfiniteSampler, Prefetcher, RareClassSampler, SegmentationDataset
 from benchmark.distributed import BatchShare, World, process_seed
 from benchmark.formats import DatasetFormatError, write_bytes_atomic
 from benchmark.metrics import evaluate, protocol_mious
@@ -92,7 +92,9 @@ def _batches(dataset, sampler, settings, start_step: int, world: World):
     """This process's share of every step's batch, from ``start_step`` on (``BatchShare``)."""
     batch_size = settings.optim.batch_size
     share = BatchShare(sampler, batch_size, world.rank, world.size, skip_steps=start_step)
-    return iter(_loader(dataset, share, batch_size // world.size, settings.workers))
+    batches = iter(_loader(dataset, share, batch_size // world.size, settings.workers))
+    # loader workers draw ahead in their own processes; without them a thread does (``Prefetcher``)
+    return batches if settings.workers > 0 else Prefetcher(batches)
 
 
 def placed(method: Method, device: torch.device) -> Method:

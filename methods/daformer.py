@@ -167,24 +167,28 @@ class DAFormer(Method):
         """The EMA teacher's logits of ``images`` (B, 3, H, W) and, when ``extra`` is given, its
         ``teacher_features`` of ``extra`` (None otherwise).
 
-        When the teacher's BatchNorm uses its running statistics (``teacher_batch_statistics`` off),
-        every image's output is independent of the rest of the batch: where the logits are the decode
-        head on ``teacher_features`` (this base's hooks) and both batches have one size, one encoder
-        pass over the concatenated batch gives what two passes give, up to float rounding, at the cost
-        of one pass's per-operation overhead. With batch statistics each batch must be normalised by
-        its own, and a base whose teacher sees another view (HRDA's multi-resolution inference) gets
-        the two passes too."""
+        Where the logits are the decode head on ``teacher_features`` (this base's hooks) and both
+        batches have one size, one encoder pass over the concatenated batch gives what two passes
+        give, up to float rounding, at the cost of one pass's per-operation overhead: with running
+        statistics every image's output is independent of the rest of the batch, and with batch
+        statistics (``teacher_batch_statistics``) each batch is normalised by its own
+        (``EMATeacher.batch_statistics_per_part``). A base whose teacher sees another view (HRDA's
+        multi-resolution inference) gets the two passes."""
         if extra is None:
             return self.teacher(images), None
         one_pass = (
-            not self.teacher.batch_statistics
-            and type(self).teacher_features is DAFormer.teacher_features
+            type(self).teacher_features is DAFormer.teacher_features
             and type(self.teacher.model).forward is Segmentor.forward
             and images.shape[1:] == extra.shape[1:]
+            and (
+                not self.teacher.batch_statistics
+                or (len(images) == len(extra) and self.teacher.splits_batch_statistics())
+            )
         )
         if not one_pass:
             return self.teacher(images), self.teacher_features(extra)
-        features = self.teacher.model.forward_features(torch.cat([images, extra]))
+        with self.teacher.batch_statistics_per_part(2):
+            features = self.teacher.model.forward_features(torch.cat([images, extra]))
         batch = len(images)
         logits = self.teacher.model.head([level[:batch] for level in features])
         return logits, [level[batch:] for level in features]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import threading
 import time
 
 import numpy as np
@@ -16,12 +17,15 @@ from benchmark.data import (
     FRAMES,
     Augment,
     InfiniteSampler,
+    Prefetcher,
     RareClassSampler,
     SampleRequest,
     SegmentationDataset,
     denormalize,
+    normalize,
     random_crop,
     rare_class_probabilities,
+    to_tensor,
 )
 from benchmark.formats import encode_image, write_bytes_atomic
 from benchmark.manifests import load_manifest
@@ -177,3 +181,82 @@ def test_a_cached_frame_is_resized_once_and_again_when_its_file_changes(gta_root
     again = cached._scaled(1, scale)
     assert again[0] is not first[0]
     assert np.array_equal(again[0], plain._scaled(1, scale)[0])  # resized from the new file
+
+
+@pytest.mark.parametrize("view", ["whole", "flipped", "window"])
+def test_to_tensor_gives_normalize_s_values_to_the_bit(view):
+    image = np.random.default_rng(3).integers(0, 256, (20, 30, 3), dtype=np.uint8)
+    image = {"whole": image, "flipped": image[:, ::-1], "window": image[2:9, 5:17]}[view]
+    expected = normalize(torch.from_numpy(image.astype(np.float32) / 255.0).permute(2, 0, 1)[None])[0]
+    tensor = to_tensor(image)
+    assert tensor.dtype == torch.float32 and tensor.shape == expected.shape
+    assert torch.equal(tensor, expected)
+    assert tensor[None].is_contiguous(memory_format=torch.channels_last)
+
+
+def _prefetch_threads() -> int:
+    return sum(thread.name == "batch-prefetch" for thread in threading.enumerate())
+
+
+def _wait_for(condition, seconds: float = 5.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.02)
+    return condition()
+
+
+def test_prefetcher_keeps_the_order_and_ends_with_its_iterator():
+    drawn = []
+
+    def numbers():
+        for n in range(7):
+            drawn.append(n)
+            yield n
+
+    prefetched = Prefetcher(numbers(), depth=2)
+    assert _wait_for(lambda: len(drawn) >= 3)  # two waiting in the queue, one held by the thread
+    time.sleep(0.1)
+    assert len(drawn) == 3  # no further than its depth ahead
+    assert list(prefetched) == list(range(7))
+    with pytest.raises(StopIteration):
+        next(prefetched)
+    with pytest.raises(ValueError, match="depth"):
+        Prefetcher(iter([]), depth=0)
+
+
+def test_prefetcher_raises_the_iterator_s_error_where_its_item_would_have_come():
+    def failing():
+        yield 1
+        yield 2
+        raise OSError("frame 3 is unreadable")
+
+    prefetched = Prefetcher(failing())
+    assert next(prefetched) == 1 and next(prefetched) == 2
+    with pytest.raises(OSError, match="frame 3 is unreadable"):
+        next(prefetched)
+    with pytest.raises(StopIteration):
+        next(prefetched)
+
+
+def test_prefetcher_thread_stops_when_closed_or_collected():
+    before = _prefetch_threads()
+    closed = Prefetcher(itertools.count())
+    assert next(closed) == 0
+    closed.close()
+    with pytest.raises(StopIteration):
+        next(closed)
+    dropped = Prefetcher(itertools.count())
+    assert next(dropped) == 0
+    del dropped
+    assert _wait_for(lambda: _prefetch_threads() == before)
+
+
+def test_training_batches_are_the_same_with_and_without_the_prefetch_thread(gta_root):
+    dataset = SegmentationDataset(gta_root, "source_train", augment=Augment(scale=(24, 36), crop=(16, 16)))
+    loader = lambda: iter(torch.utils.data.DataLoader(dataset, batch_size=2, sampler=InfiniteSampler(len(dataset), 5)))
+    direct, prefetched = loader(), Prefetcher(loader())
+    for _ in range(6):
+        a, b = next(direct), next(prefetched)
+        assert torch.equal(a["image"], b["image"]) and torch.equal(a["label"], b["label"])

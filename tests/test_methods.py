@@ -266,6 +266,29 @@ def test_ema_teacher_on_batch_statistics_normalises_with_the_batch_and_keeps_the
     assert torch.allclose(released.model[1].running_mean, torch.full((4,), 0.8))
 
 
+def test_ema_teacher_normalises_each_part_of_a_batch_by_its_own_statistics_when_asked():
+    torch.manual_seed(0)
+    student = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.BatchNorm2d(4), torch.nn.ReLU(), torch.nn.Conv2d(4, 2, 1)
+    )
+    first, second = torch.randn(2, 3, 6, 6), 3.0 + 2.0 * torch.randn(2, 3, 6, 6)  # unlike statistics
+    both = torch.cat([first, second]).contiguous(memory_format=torch.channels_last)
+    released, running = EMATeacher(student, batch_statistics=True), EMATeacher(student)
+    with released.batch_statistics_per_part(2):
+        parts = released(both)
+    assert torch.allclose(parts, torch.cat([released(first), released(second)]), atol=1e-5)
+    assert not torch.allclose(released(both), parts, atol=1e-3)  # outside the context: one batch again
+    assert "forward" not in vars(released.model[1])  # the class's forward is back
+    with pytest.raises(ValueError, match="does not split into 3"):
+        with released.batch_statistics_per_part(3):
+            released(both)
+    assert "forward" not in vars(released.model[1])
+    with running.batch_statistics_per_part(2):  # running statistics: nothing to split, nothing patched
+        assert "forward" not in vars(running.model[1])
+        assert torch.allclose(running(both), torch.cat([running(first), running(second)]), atol=1e-5)
+    assert released.splits_batch_statistics()
+
+
 def test_ema_teacher_averages_every_parameter_and_float_buffer_and_copies_counters():
     student = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4), torch.nn.Conv2d(4, 2, 1))
     teacher = EMATeacher(student)

@@ -224,7 +224,12 @@ def test_a_teacher_on_batch_statistics_normalises_each_batch_by_its_own():
     # as released: the source batch's features must not depend on the target batch beside it
     method = _sepico_with_trained_teacher(seed=0, batch_statistics=True)
     source, target = two_class_batch(0), two_class_batch(1)
+    passes = []
+    encoder_forward = method.teacher.model.forward_features
+    method.teacher.model.forward_features = lambda x: passes.append(len(x)) or encoder_forward(x)
     logits, features = method.teacher_pass(target.image, source.image)
+    del method.teacher.model.forward_features
+    assert passes == [len(target.image) + len(source.image)]  # one encoder pass over both batches
     assert torch.allclose(logits, method.teacher(target.image), atol=1e-5)
     alone = method.teacher_features(source.image)
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(features, alone))
@@ -233,10 +238,12 @@ def test_a_teacher_on_batch_statistics_normalises_each_batch_by_its_own():
     assert not torch.allclose(together[-1][len(target.image) :], alone[-1], atol=1e-3)
 
 
-def test_sepico_step_with_the_batched_teacher_pass_equals_the_separate_passes():
+@pytest.mark.parametrize("batch_statistics", [False, True])
+def test_sepico_step_with_the_batched_teacher_pass_equals_the_separate_passes(batch_statistics):
     # the same method, seed and batches; one reads the teacher's source features from the step's teacher
     # pass over both batches, the other computes them in a teacher pass of its own
-    batched, separate = _sepico_with_trained_teacher(seed=0), _sepico_with_trained_teacher(seed=0)
+    batched = _sepico_with_trained_teacher(seed=0, batch_statistics=batch_statistics)
+    separate = _sepico_with_trained_teacher(seed=0, batch_statistics=batch_statistics)
     separate.wants_teacher_source_features = False
     source, target = two_class_batch(0), Batch(two_class_batch(1).image)
     for step in range(2):
