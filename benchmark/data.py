@@ -13,6 +13,7 @@ loader workers, and a resumed run sees the same batches.
 
 from __future__ import annotations
 
+import atexit
 import functools
 import os
 import queue
@@ -20,7 +21,7 @@ import threading
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import cv2
 import numpy as np
@@ -304,6 +305,31 @@ FRAMES = FrameCache()
 _warm_up_queue: queue.SimpleQueue | None = None
 _warm_up_pid: int | None = None
 
+#: This module's background threads, each with the function that asks it to stop.
+_BACKGROUND: list[tuple[threading.Thread, Callable[[], None]]] = []
+
+
+def _start_background(target: Callable, args: tuple, name: str, stop: Callable[[], None]) -> threading.Thread:
+    """Start a daemon thread that ``_stop_background_threads`` stops and joins at interpreter exit."""
+    _BACKGROUND[:] = [(thread, ask) for thread, ask in _BACKGROUND if thread.is_alive()]
+    thread = threading.Thread(target=target, args=args, name=name, daemon=True)
+    _BACKGROUND.append((thread, stop))
+    thread.start()
+    return thread
+
+
+@atexit.register
+def _stop_background_threads() -> None:
+    """Stop every background thread and let it finish the frame or batch in hand. A daemon thread
+    still inside C++ code (an image decoder, a torch operation) when the interpreter finalises is ended
+    by a forced unwind that such code cannot take, and the process aborts with "terminate called
+    without an active exception" after its work is done (a short script, or cost.py, whose last
+    batches were still being drawn). atexit functions run before that point."""
+    for _, stop in _BACKGROUND:
+        stop()
+    for thread, _ in _BACKGROUND:
+        thread.join(timeout=10.0)
+
 
 def warm_up(dataset: SegmentationDataset) -> None:
     """Decode ``dataset``'s frames into ``FRAMES`` in a background thread (one per process, datasets
@@ -311,20 +337,28 @@ def warm_up(dataset: SegmentationDataset) -> None:
     and stops on a frame that fails to read: reading it on demand then raises the error."""
     global _warm_up_queue, _warm_up_pid
     if _warm_up_queue is None or _warm_up_pid != os.getpid():  # none yet, or a forked child
-        _warm_up_queue, _warm_up_pid = queue.SimpleQueue(), os.getpid()
-        threading.Thread(target=_warm_up_loop, args=(_warm_up_queue,), name="frame-warm-up", daemon=True).start()
+        pending, stop = queue.SimpleQueue(), threading.Event()
+        _warm_up_queue, _warm_up_pid = pending, os.getpid()
+
+        def ask_to_stop() -> None:
+            stop.set()
+            pending.put(None)  # wakes the thread if it waits for a dataset
+
+        _start_background(_warm_up_loop, (pending, stop), "frame-warm-up", ask_to_stop)
     _warm_up_queue.put(weakref.ref(dataset))
 
 
-def _warm_up_loop(pending: queue.SimpleQueue) -> None:
+def _warm_up_loop(pending: queue.SimpleQueue, stop: threading.Event) -> None:
     while True:
         reference = pending.get()
+        if reference is None or stop.is_set():
+            return
         dataset = reference()
         count = len(dataset) if dataset is not None else 0
         del dataset
         for index in range(count):
             dataset = reference()
-            if dataset is None:
+            if dataset is None or stop.is_set():
                 break
             try:
                 if not FRAMES.contains(*dataset._paths(index)):
@@ -422,10 +456,9 @@ class Prefetcher:
         self._done = False
         # the thread holds the queue and the event, not the prefetcher, so that dropping the last
         # reference to the prefetcher collects it and its finaliser stops the thread
-        self._thread = threading.Thread(
-            target=_prefetch_loop, args=(iterator, self._queue, self._stop), name="batch-prefetch", daemon=True
+        self._thread = _start_background(
+            _prefetch_loop, (iterator, self._queue, self._stop), "batch-prefetch", self._stop.set
         )
-        self._thread.start()
 
     def __iter__(self) -> Prefetcher:
         return self

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import itertools
 import os
+import subprocess
+import sys
 import threading
 import time
 
@@ -11,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from benchmark import prepare
+from benchmark import data, prepare
 from benchmark.classes import NUM_CLASSES, TRAIN_ID
 from benchmark.data import (
     FRAMES,
@@ -260,3 +262,37 @@ def test_training_batches_are_the_same_with_and_without_the_prefetch_thread(gta_
     for _ in range(6):
         a, b = next(direct), next(prefetched)
         assert torch.equal(a["image"], b["image"]) and torch.equal(a["label"], b["label"])
+
+
+def test_background_threads_are_stopped_and_joined_at_exit(monkeypatch):
+    monkeypatch.setattr(data, "_BACKGROUND", [])  # this test's threads only, not the frame warm-up's
+
+    def slow():
+        while True:
+            time.sleep(0.05)
+            yield torch.ones(8)
+
+    prefetchers = [Prefetcher(slow()), Prefetcher(itertools.count())]
+    assert next(prefetchers[0]).shape == (8,) and next(prefetchers[1]) == 0
+    threads = [thread for thread, _ in data._BACKGROUND]
+    assert len(threads) == 2 and all(thread.is_alive() for thread in threads)
+    data._stop_background_threads()
+    assert not any(thread.is_alive() for thread in threads)
+
+
+_EXIT_WHILE_DRAWING = """
+import torch
+from benchmark.data import Prefetcher
+def batches():
+    while True:  # torch work that leaves and re-enters the interpreter, as a collate does
+        yield torch.stack([torch.randn(64, 64) @ torch.randn(64, 64) for _ in range(200)])
+stream = Prefetcher(batches())
+next(stream)
+"""
+
+
+def test_a_process_exits_cleanly_while_a_prefetch_thread_is_drawing():
+    # a daemon thread ended inside C++ code at interpreter shutdown aborts the process
+    for _ in range(3):
+        done = subprocess.run([sys.executable, "-c", _EXIT_WHILE_DRAWING], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0 and "terminate called" not in done.stderr, done.stderr[-2000:]
