@@ -16,7 +16,11 @@ machine's load. Per method (one row of ``results/cost.csv``):
   starves the step; ``data_share``: total waiting time over total iteration time.
 - ``flops_per_step``: floating-point operations of one step (forward, backward; counted by
   ``torch.utils.flop_counter.FlopCounterMode``, which counts matrix products and convolutions, the
-  bulk of the work; the optimiser's element-wise updates are not counted).
+  bulk of the work; the optimiser's element-wise updates are not counted). Its formula for a
+  convolution's weight gradient ignores ``groups`` and counts a grouped convolution as if every input
+  channel met every output channel: ``groups`` times too many, 128 times on a 128-channel depthwise
+  layer, which inflated the count of the embedded profile's DAFormer step about fourfold. The count
+  here divides that term by ``groups`` (``convolution_backward_flops``).
 - ``achieved_flops``: ``flops_per_step / step_time_s``; ``peak_flops``: the best FLOP/s of a square
   float32 matrix product of ``--matmul-size`` on the same device and threads, timed once per round
   between the methods' steps (the same load); ``utilisation``: their ratio.
@@ -37,7 +41,7 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
 
 from benchmark.config import ConfigError
 from benchmark.formats import DatasetFormatError, write_bytes_atomic
@@ -69,9 +73,42 @@ def matmul_flops(device: torch.device, size: int = 1024) -> float:
     return 2 * size**3 / (time.perf_counter() - started)
 
 
+def convolution_backward_flops(
+    grad_out_shape, x_shape, w_shape, bias, stride, padding, dilation, transposed, output_padding, groups,
+    output_mask, out_shape=None, **kwargs,
+) -> int:
+    """FLOPs of ``aten.convolution_backward`` with the weight gradient counted per group.
+
+    As torch's formula: the input gradient is the transposed convolution of the output gradient with
+    the weight, the weight gradient the convolution of the input with the output gradient over the
+    channel pairs. torch's pairs all C_in x C_out channels; a grouped convolution pairs only the
+    C_in / groups input channels of a group with that group's outputs, so its term is divided by
+    ``groups`` here (each gradient then takes as many operations as the forward pass). Shapes as
+    torch's formula takes them; ``out_shape``: the shapes of (grad_input, grad_weight, grad_bias)."""
+
+    def swapped(shape):
+        return [shape[1], shape[0], *shape[2:]]
+
+    flops = 0
+    if output_mask[0]:
+        flops += conv_flop_count(grad_out_shape, w_shape, out_shape[0], transposed=not transposed)
+    if output_mask[1]:
+        if transposed:
+            pairs = conv_flop_count(swapped(grad_out_shape), swapped(x_shape), swapped(out_shape[1]))
+        else:
+            pairs = conv_flop_count(swapped(x_shape), swapped(grad_out_shape), swapped(out_shape[1]))
+        flops += pairs // groups
+    return flops
+
+
+def flop_counter() -> FlopCounterMode:
+    """torch's FLOP counter with the grouped convolutions' backward counted right (above)."""
+    return FlopCounterMode(display=False, custom_mapping={torch.ops.aten.convolution_backward: convolution_backward_flops})
+
+
 def step_flops(contender: Contender, step: int) -> int:
     """Floating-point operations of one training step of ``contender`` (it takes the step)."""
-    with FlopCounterMode(display=False) as counter:
+    with flop_counter() as counter:
         timed_step(contender, step)
     return counter.get_total_flops()
 

@@ -39,3 +39,25 @@ def test_cost_rejects_repeated_methods(data_root):
 
     with pytest.raises(ValueError, match="distinct"):
         cost.measure_cost(tiny_params(data_root), "mini-gta2cs", ["daformer", "daformer"], steps=1, warmup=0)
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("groups", [1, 4, 16])
+def test_flop_count_of_a_convolution_backward_is_twice_its_forward(groups, transposed):
+    # a stride-1 convolution's input and weight gradients each take as many multiply-adds as its
+    # forward pass, whatever the groups; torch's own formula counts the weight gradient of a grouped
+    # convolution ``groups`` times over
+    import torch
+
+    from benchmark import cost
+
+    images = torch.randn(2, 16, 8, 8, requires_grad=True)
+    layer = torch.nn.ConvTranspose2d if transposed else torch.nn.Conv2d
+    conv = layer(16, 32, 3, padding=1, groups=groups, bias=False)
+    forward_flops = 2 * 2 * 8 * 8 * 32 * (16 // groups) * 3 * 3
+    with cost.flop_counter() as counter:
+        outputs = conv(images)
+    assert counter.get_total_flops() == forward_flops
+    with cost.flop_counter() as counter:
+        outputs.sum().backward()
+    assert counter.get_total_flops() == 2 * forward_flops
