@@ -6,7 +6,10 @@
 All methods live in one process and their training steps are interleaved (``benchmark/step_time.py``,
 which builds each method, its loaders and optimiser as ``train.py`` does), so load on the machine from
 elsewhere falls on all of them alike; the ratios are the robust figures, absolute times vary with the
-machine's load. Per method (one row of ``results/cost.csv``):
+machine's load. Every method starts from the weights its run starts from (the profile's warm start):
+at random weights the teacher is confident nowhere, every pseudo-label is ignored, and PiPa's patch
+contrast had no anchors, which made its step look about 0.1x of daformer cheaper than in a run. Per
+method (one row of ``results/cost.csv``):
 
 - ``step_time_s``: median seconds of a training iteration, taking the batches included;
   ``ratio_to_daformer``: the median over rounds of its iteration time over daformer's in the same
@@ -47,7 +50,7 @@ from benchmark.config import ConfigError
 from benchmark.formats import DatasetFormatError, write_bytes_atomic
 from benchmark.profiles import resolve
 from benchmark.step_time import Contender, build_contenders, interleaved, timed_step
-from benchmark.train import REPO
+from benchmark.train import REPO, WARM_START_DIR
 from methods import registered
 
 COLUMNS = [
@@ -149,14 +152,16 @@ def measure_cost(
     matmul_size: int = 1024,
     device: torch.device | None = None,
     progress: bool = True,
+    warm_start_dir: Path = WARM_START_DIR,
 ) -> list[dict]:
-    """One row of ``COLUMNS`` per method of ``methods``, in that order."""
+    """One row of ``COLUMNS`` per method of ``methods``, in that order; the models start from the
+    profile's warm start (``step_time.build_contenders``), cached in ``warm_start_dir``."""
     if steps < 1 or warmup < 0:
         raise ValueError(f"need steps >= 1 and warmup >= 0, got steps={steps}, warmup={warmup}")
     if len(set(methods)) != len(methods) or not methods:
         raise ValueError(f"need distinct methods, got {methods}")
     run = resolve(params, benchmark, methods[0], seed, profile, overrides)
-    contenders = build_contenders(params, benchmark, methods, seed, profile, overrides, device)
+    contenders = build_contenders(params, benchmark, methods, seed, profile, overrides, device, warm_start_dir, progress)
     device = contenders[0].device
     memory = PeakMemory(device)
     data_s = {name: [] for name in methods}

@@ -9,9 +9,9 @@ optimiser), and takes ``--warmup`` untimed and ``--steps`` timed steps. The meth
 interleaved, alternating which one goes first, so that load on the machine from elsewhere falls on all
 of them alike. A step is the loop's work per iteration once its batches are drawn: the method's
 losses, backward, the optimiser step and the EMA update; taking the batches is timed apart
-(``benchmark/cost.py`` reports it as the data loader's share). The models keep their initial weights
-(the step's cost does not depend on them); their steps are numbered from the middle of the
-run on, where every loss term is active. Prints every method's median step time and its ratio to the
+(``benchmark/cost.py`` reports it as the data loader's share). The models start from the weights
+their runs start from (the profile's warm start), so that pseudo-labels select as many target cells
+as in a run; their steps are numbered from the middle of the run on, where every loss term is active. Prints every method's median step time and its ratio to the
 first method's.
 """
 
@@ -33,10 +33,13 @@ from benchmark.distributed import World
 from benchmark.profiles import method_params, resolve
 from benchmark.train import (
     REPO,
+    WARM_START_DIR,
     _batches,
     _on_device,
     build_model,
     build_optimizer,
+    ensure_warm_start,
+    load_warm_start,
     method_settings,
     placed,
     training_data,
@@ -66,18 +69,36 @@ def build_contenders(
     profile: str | None = None,
     overrides: list[str] | None = None,
     device: torch.device | None = None,
+    warm_start_dir: Path = WARM_START_DIR,
+    progress: bool = True,
 ) -> list[Contender]:
-    """Every method of ``methods`` built as ``train.py`` builds it, at its initial weights. Its
-    steps are numbered from the middle of its run on, where every loss term is active (SePiCo's
-    contrast starts after 7.5% of the run) and the step is the one the run mostly takes."""
+    """Every method of ``methods`` built as ``train.py`` builds it, from the weights its run starts
+    from: the profile's shared source-only warm start where it has one (trained into
+    ``warm_start_dir`` first if it is not cached there, as the first run would). Its steps are
+    numbered from the middle of its run on, where every loss term is active (SePiCo's contrast starts
+    after 7.5% of the run) and the step is the one the run mostly takes.
+
+    The weights matter to the step's cost: a teacher at random weights is confident nowhere, so the
+    pseudo-labels that select PiPa's and SePiCo's target cells are all ignored and those terms skip
+    most of their work; from the warm start they do what they do in a run."""
     world = World() if device is None else World(device=device)
     contenders = []
     for name in methods:
-        run = method_settings(resolve(params, benchmark, name, seed, profile, overrides))
+        resolved = resolve(params, benchmark, name, seed, profile, overrides)
+        run = method_settings(resolved)
         method_cls, hyper = method_class(name), method_params(run)
         source, source_sampler, target, target_sampler = training_data(run, method_cls.uses_target_labels, hyper)
+        warm_start = None
+        if run.settings.warm_start.steps > 0:
+            # keyed on the benchmark's own run (HRDA shares daformer's warm start, as in train.py);
+            # training one sets the profile's thread count, the caller's is kept for the measurement
+            threads = torch.get_num_threads()
+            warm_start = ensure_warm_start(resolved, progress, warm_start_dir)
+            torch.set_num_threads(threads)
         torch.manual_seed(seed)
         model = build_model(run)
+        if warm_start is not None:
+            load_warm_start(model, warm_start)
         method = placed(method_cls(model, hyper, seed=seed, total_steps=run.settings.optim.steps), world.device)
         method.train()
         contenders.append(
@@ -136,11 +157,14 @@ def measure(
     profile: str | None = None,
     overrides: list[str] | None = None,
     progress: bool = True,
+    warm_start_dir: Path = WARM_START_DIR,
 ) -> dict[str, list[float]]:
     """Seconds of each of ``steps`` timed training steps per method, after ``warmup`` untimed ones."""
     if steps < 1 or warmup < 0:
         raise ValueError(f"need steps >= 1 and warmup >= 0, got steps={steps}, warmup={warmup}")
-    contenders = build_contenders(params, benchmark, methods, seed, profile, overrides)
+    contenders = build_contenders(
+        params, benchmark, methods, seed, profile, overrides, warm_start_dir=warm_start_dir, progress=progress
+    )
     times: dict[str, list[float]] = {name: [] for name in methods}
     for step, contender in interleaved(contenders, warmup + steps, progress):
         _, seconds = timed_step(contender, step)

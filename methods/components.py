@@ -334,6 +334,48 @@ def flatten_labelled(embeddings: Tensor, labels: Tensor) -> tuple[Tensor, Tensor
     return rows[keep], labels[keep]
 
 
+class _PairedInfoNCE(torch.autograd.Function):
+    """The sum over positive pairs (i, p) of w_ip * softplus(eta_i - s_ip), eta_i = log sum_{n in N_i}
+    e^{s_in}, s = anchors . candidates^T / temperature, with its gradient written out:
+
+        dL/ds_in = e^{s_in - eta_i} * sum_p w_ip sigmoid(eta_i - s_ip)   (n a negative of i)
+        dL/ds_ip -= w_ip sigmoid(eta_i - s_ip)                            (p a positive of i)
+
+    Autograd of the same expression keeps about ten (N, M) intermediates and passes over them (masked
+    fill, log-sum-exp, its backward, the pair gather's scatter); this keeps one, the negatives'
+    exponentials, and passes over it once each way.
+    """
+
+    @staticmethod
+    def forward(ctx, anchors, candidates, rows, columns, pair_weights, negatives, temperature):
+        similarity = (anchors @ candidates.T).mul_(1.0 / temperature)
+        lowest = torch.finfo(similarity.dtype).min
+        # per-row shift by the largest negative keeps the exponentials finite; rows without negatives
+        # get e^-inf = 0 terms and eta = -inf, so their pairs cost softplus(-inf) = 0
+        shift = similarity.masked_fill(~negatives, lowest).amax(dim=1, keepdim=True)
+        exponentials = (similarity - shift).exp_().masked_fill_(~negatives, 0.0)
+        totals = exponentials.sum(dim=1)
+        negative_term = shift.squeeze(1) + totals.log()
+        gaps = negative_term[rows] - similarity[rows, columns]
+        ctx.save_for_backward(anchors, candidates, rows, columns, pair_weights, exponentials, totals, gaps)
+        ctx.temperature = temperature
+        return (F.softplus(gaps) * pair_weights).sum()
+
+    @staticmethod
+    def backward(ctx, grad):
+        anchors, candidates, rows, columns, pair_weights, exponentials, totals, gaps = ctx.saved_tensors
+        pair_grads = torch.sigmoid(gaps) * pair_weights * grad
+        per_anchor = torch.zeros_like(totals).index_add_(0, rows, pair_grads)
+        # rows without negatives have totals 0 and per-anchor 0 (their gaps are -inf)
+        scale = per_anchor / totals.clamp_min(torch.finfo(totals.dtype).tiny)
+        d_similarity = exponentials * scale[:, None]
+        d_similarity.index_put_((rows, columns), -pair_grads, accumulate=True)
+        d_similarity.mul_(1.0 / ctx.temperature)
+        d_anchors = d_similarity @ candidates if ctx.needs_input_grad[0] else None
+        d_candidates = d_similarity.T @ anchors if ctx.needs_input_grad[1] else None
+        return d_anchors, d_candidates, None, None, None, None, None
+
+
 def contrastive_loss(
     anchors: Tensor, candidates: Tensor, positives: Tensor, negatives: Tensor, temperature: float
 ) -> Tensor:
@@ -342,20 +384,17 @@ def contrastive_loss(
         L = mean_i  1/|P_i| sum_{p in P_i}  -log( e^{s_ip} / (e^{s_ip} + sum_{n in N_i} e^{s_in}) ),
         s_ij = a_i . c_j / temperature,
 
-    averaged over the anchors that have at least one positive (0, with a graph, if none has).
+    averaged over the anchors that have at least one positive (0, with a graph, if none has). Each
+    term is softplus(eta_i - s_ip) with eta_i the log-sum-exp over the negatives, evaluated at the
+    positive pairs only, with a hand-written gradient (``_PairedInfoNCE``): about twice as fast as
+    autograd of the dense (N, M) expression on the CPU.
 
     anchors: (N, D); candidates: (M, D); positives, negatives: (N, M) bool masks.
     """
-    similarity = anchors @ candidates.T / temperature
-    has_positive = positives.any(dim=1)
-    if not has_positive.any():
-        return similarity.sum() * 0.0
-    # log-sum-exp over the negatives of each anchor; the finite fill keeps the gradient of an anchor
-    # without negatives at 0 instead of NaN (its negative term is then e^-huge)
-    lowest = torch.finfo(similarity.dtype).min
-    negative_term = torch.logsumexp(similarity.masked_fill(~negatives, lowest), dim=1, keepdim=True)
-    per_pair = torch.logaddexp(similarity, negative_term) - similarity
-    # every row is reduced on its own, so anchors without a positive (0 here, with a 0 gradient) are
-    # dropped from the mean at the end rather than from the (N, M) matrices up front
-    per_anchor = (per_pair * positives).sum(dim=1) / positives.sum(dim=1).clamp_min(1)
-    return per_anchor[has_positive].mean()
+    rows, columns = positives.nonzero(as_tuple=True)
+    if len(rows) == 0:
+        return (anchors.sum() + candidates.sum()) * 0.0
+    per_anchor = positives.sum(dim=1)
+    # each pair's share of the mean: 1 / (|P_i| * #anchors with a positive)
+    pair_weights = 1.0 / (per_anchor[rows] * (per_anchor > 0).sum()).to(anchors.dtype)
+    return _PairedInfoNCE.apply(anchors, candidates, rows, columns, pair_weights, negatives, temperature)

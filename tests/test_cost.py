@@ -13,9 +13,11 @@ def test_cost_writes_one_sane_row_per_requested_method(data_root, tmp_path):
 
     out = tmp_path / "cost.csv"
     rows = cost.measure_cost(
-        tiny_params(data_root), "mini-gta2cs", ["daformer", "hrda"], steps=2, warmup=1, matmul_size=128, progress=False
+        tiny_params(data_root), "mini-gta2cs", ["daformer", "hrda"], steps=2, warmup=1, matmul_size=128,
+        progress=False, warm_start_dir=tmp_path / "warm",
     )
     cost.write_csv(rows, out)
+    assert len(list((tmp_path / "warm").rglob("seed0-*.pt"))) == 1  # both started from the one warm start
     with out.open() as handle:
         written = list(csv.DictReader(handle))
     assert [row["method"] for row in written] == ["daformer", "hrda"]

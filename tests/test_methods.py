@@ -317,6 +317,21 @@ def test_ema_teacher_averages_every_parameter_and_float_buffer_and_copies_counte
     assert torch.equal(teacher.model[0].weight, original) and not torch.equal(twin.model[0].weight, original)
 
 
+def test_contrastive_loss_gradient_matches_finite_differences():
+    from methods.components import contrastive_loss
+
+    generator = torch.Generator().manual_seed(1)
+    anchors = torch.randn(6, 3, generator=generator, dtype=torch.float64, requires_grad=True)
+    candidates = torch.randn(7, 3, generator=generator, dtype=torch.float64, requires_grad=True)
+    positives = torch.rand(6, 7, generator=generator) < 0.4
+    negatives = ~positives & (torch.rand(6, 7, generator=generator) < 0.7)
+    positives[0], negatives[1] = False, False  # an anchor without positives, one without negatives
+    positives[1, 0] = True
+    assert torch.autograd.gradcheck(
+        lambda a, c: contrastive_loss(a, c, positives, negatives, 0.5), (anchors, candidates)
+    )
+
+
 def test_contrastive_loss_equals_the_dense_formula_with_its_gradient():
     from methods.components import contrastive_loss
 

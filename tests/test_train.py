@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from benchmark import train
+from benchmark import checkpoint as checkpoints, train
 from benchmark.classes import CLASSES
 from benchmark.config import ConfigError, load_yaml
 from benchmark.profiles import resolve
@@ -214,12 +214,31 @@ def test_hrda_trains_at_its_own_scale_from_the_shared_warm_start_and_tests_slidi
     assert warm_start == train.warm_start_path(daformer, tmp_path / "warm")
 
 
-def test_step_time_times_interleaved_steps_of_each_method(data_root):
+def test_step_time_times_interleaved_steps_of_each_method(data_root, tmp_path):
     from benchmark.step_time import measure
 
-    times = measure(tiny_params(data_root), "mini-gta2cs", ["daformer", "hrda"], steps=2, warmup=1, progress=False)
+    times = measure(
+        tiny_params(data_root), "mini-gta2cs", ["daformer", "hrda"], steps=2, warmup=1, progress=False,
+        warm_start_dir=tmp_path / "warm",
+    )
     assert set(times) == {"daformer", "hrda"}
     assert all(len(seconds) == 2 and min(seconds) > 0 for seconds in times.values())
+
+
+def test_timed_methods_start_from_their_runs_warm_start(data_root, tmp_path):
+    from benchmark.step_time import build_contenders
+
+    params = tiny_params(data_root)
+    daformer, hrda = build_contenders(
+        params, "mini-gta2cs", ["daformer", "hrda"], seed=1, warm_start_dir=tmp_path / "warm", progress=False
+    )
+    warm_start = train.warm_start_path(resolve(params, "mini-gta2cs", "daformer", seed=1), tmp_path / "warm")
+    weights = checkpoints.load_trusted(warm_start, checkpoints.WARM_START_KIND)["model"]
+    for contender in (daformer, hrda):
+        state = contender.method.model.state_dict()
+        assert all(torch.equal(state[key], value) for key, value in weights.items())
+        teacher = contender.method.teacher.model.state_dict()
+        assert all(torch.equal(teacher[key], value) for key, value in weights.items())
 
 
 @pytest.mark.parametrize(
