@@ -106,38 +106,55 @@ class EMATeacher(nn.Module):
         plain = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
         return all(type(module) in plain for module in self._batch_norms())
 
-    @contextlib.contextmanager
-    def batch_statistics_per_part(self, parts: int) -> Iterator[None]:
+    def batch_statistics_per_part(self, parts: int) -> contextlib.AbstractContextManager:
         """Within this context every BatchNorm layer of a teacher on ``batch_statistics`` normalises
-        each of ``parts`` equal consecutive parts of its batch with that part's own statistics. One
-        pass over ``torch.cat`` of equally sized batches then gives what a pass over each gives (up to
-        float rounding), at one pass's per-operation cost: two encoder passes over batches of two
-        64x64 crops took 1.6 times one pass over four on the embedded encoder. Nothing changes for a
-        teacher on running statistics, whose outputs do not depend on the rest of the batch anyway.
-
-        x: (parts * B, C, ...) -> per part p: (x_p - mean(x_p)) / sqrt(var(x_p) + eps) * weight + bias."""
+        each of ``parts`` equal consecutive parts of its batch with that part's own statistics
+        (``batch_norm_per_part``). One pass over ``torch.cat`` of equally sized batches then gives
+        what a pass over each gives (up to float rounding), at one pass's per-operation cost: two
+        encoder passes over batches of two 64x64 crops took 1.6 times one pass over four on the
+        embedded encoder. Nothing changes for a teacher on running statistics, whose outputs do not
+        depend on the rest of the batch anyway."""
         if not self.batch_statistics or parts == 1:
-            yield
-            return
+            return contextlib.nullcontext()
         if not self.splits_batch_statistics():
             raise TypeError("batch_statistics_per_part needs plain BatchNorm layers in the teacher")
-        layers = self._batch_norms()
+        return batch_norm_per_part(self.model, parts)
+
+
+@contextlib.contextmanager
+def batch_norm_per_part(module: nn.Module, parts: int) -> Iterator[None]:
+    """Within this context every BatchNorm layer of ``module`` that normalises with batch statistics
+    (training mode, or no running statistics) treats each of ``parts`` equal consecutive parts of its
+    batch as a batch of its own: it normalises the part with the part's statistics and, in training
+    mode, moves its running statistics once per part, in order. A forward pass over
+    ``torch.cat([x_1, ..., x_parts])`` then computes, up to float rounding, what ``parts`` passes over
+    x_1, ..., x_parts compute, running statistics and their gradients included, with one pass's
+    per-operation overhead. Layers on running statistics are left alone: their output for an image
+    does not depend on the rest of the batch.
+
+    x: (parts * B, C, ...) -> per part p: (x_p - mean(x_p)) / sqrt(var(x_p) + eps) * weight + bias."""
+    layers = [
+        m
+        for m in module.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and (m.training or m.running_mean is None)
+    ]
+    if parts == 1 or not layers:
+        yield
+        return
+    for layer in layers:
+        layer.forward = functools.partial(_batch_norm_per_part, layer, parts)
+    try:
+        yield
+    finally:
         for layer in layers:
-            layer.forward = functools.partial(_batch_norm_per_part, layer, parts)
-        try:
-            yield
-        finally:
-            for layer in layers:
-                del layer.forward  # back to the class's forward
+            del layer.forward  # back to the class's forward
 
 
 def _batch_norm_per_part(layer: nn.modules.batchnorm._BatchNorm, parts: int, x: Tensor) -> Tensor:
     if x.shape[0] % parts:
         raise ValueError(f"a batch of {x.shape[0]} does not split into {parts} equal parts")
-    # no running statistics: the teacher's never move (momentum 0, see the class docstring)
-    return torch.cat(
-        [F.batch_norm(part, None, None, layer.weight, layer.bias, True, 0.0, layer.eps) for part in x.chunk(parts)]
-    )
+    # the class's own forward on each part: what separate passes run, momentum and counters included
+    return torch.cat([type(layer).forward(layer, part) for part in x.chunk(parts)])
 
 
 @torch.no_grad()

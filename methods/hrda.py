@@ -402,10 +402,19 @@ class HRDA(DAFormer):
         }
 
     def supervised_losses(
-        self, prefix: str, images: Tensor, labels: Tensor, weights: Tensor | None = None
+        self,
+        prefix: str,
+        images: Tensor,
+        labels: Tensor,
+        weights: Tensor | None = None,
+        prediction: tuple[Tensor, list[Tensor]] | None = None,
     ) -> tuple[dict[str, Tensor], Tensor, list[Tensor]]:
         """HRDA's two terms (``multi_resolution_losses``) in place of DAFormer's single cross-entropy,
-        so the mixed loss and every add-on loss built on this hook get the detail term too."""
+        so the mixed loss and every add-on loss built on this hook get the detail term too. HRDA
+        takes its student passes one by one (``joins_student_passes`` is false): ``prediction`` is
+        never given, since the detail term needs the detail crop of its own pass."""
+        if prediction is not None:
+            raise ValueError("HRDA computes its multi-resolution prediction itself; prediction must be None")
         fused, features = self.forward_train(images)
         return self.multi_resolution_losses(prefix, fused, labels, weights), fused, features
 

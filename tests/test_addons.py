@@ -186,10 +186,10 @@ class HalfResolution(DAFormer):
         self.hook_calls["teacher_features"] += 1
         return self._half(self.teacher.model.forward_features, images)
 
-    def supervised_losses(self, prefix, images, labels, weights=None):
+    def supervised_losses(self, prefix, images, labels, weights=None, prediction=None):
         """DAFormer's term plus one of this base's own, as HRDA adds its detail cross-entropy."""
         self.hook_calls["supervised_losses"] += 1
-        losses, logits, features = super().supervised_losses(prefix, images, labels, weights)
+        losses, logits, features = super().supervised_losses(prefix, images, labels, weights, prediction)
         losses[f"{prefix}_extra_ce"] = 0.5 * losses[f"{prefix}_ce"]
         return losses, logits, features
 

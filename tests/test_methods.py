@@ -17,6 +17,7 @@ from benchmark.models import build_segmentor
 from methods.base import Batch, Method, cross_entropy, method_class, register, registered, unregister
 from methods.components import (
     EMATeacher,
+    batch_norm_per_part,
     class_mix_masks,
     feature_distance,
     majority_labels,
@@ -287,6 +288,69 @@ def test_ema_teacher_normalises_each_part_of_a_batch_by_its_own_statistics_when_
         assert "forward" not in vars(running.model[1])
         assert torch.allclose(running(both), torch.cat([running(first), running(second)]), atol=1e-5)
     assert released.splits_batch_statistics()
+
+
+def test_batch_norm_per_part_equals_separate_passes_with_running_statistics_and_gradients():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4, momentum=0.3), torch.nn.ReLU())
+    split = copy.deepcopy(net)
+    first, second = torch.randn(2, 3, 6, 6), 3.0 + 2.0 * torch.randn(2, 3, 6, 6)  # unlike statistics
+    weight = torch.randn(4, 4, 4)
+    separate = sum((net(x) * weight).sum() for x in (first, second))
+    separate.backward()
+    with batch_norm_per_part(split, 2):
+        joint = (split(torch.cat([first, second])) * weight).sum()
+    joint.backward()
+    assert joint.item() == pytest.approx(separate.item(), rel=1e-5)
+    for (name, a), b in zip(net.named_parameters(), split.parameters()):
+        assert torch.allclose(a.grad, b.grad, rtol=1e-4, atol=1e-5), name
+    for (name, a), b in zip(net.named_buffers(), split.buffers()):
+        assert torch.allclose(a.float(), b.float(), atol=1e-6), name  # moved once per part, in order
+    assert int(split[1].num_batches_tracked) == 2
+    assert "forward" not in vars(split[1])  # the class's forward is back
+    with pytest.raises(ValueError, match="does not split into 3"):
+        with batch_norm_per_part(split, 3):
+            split(torch.cat([first, second]))
+    split.eval()  # on running statistics: nothing is split, nothing patched
+    with batch_norm_per_part(split, 2):
+        assert "forward" not in vars(split[1])
+
+
+def _without_dropout(method: Method) -> Method:
+    for module in method.modules():
+        if isinstance(module, torch.nn.modules.dropout._DropoutNd):
+            module.p = 0.0  # the joint pass draws one mask where two passes draw two
+    return method.train()
+
+
+@pytest.mark.parametrize("name", registered())
+def test_the_joint_student_pass_gives_what_two_passes_give(name):
+    # same method, seed and batches; one takes the step's student passes one by one
+    cls = method_class(name)
+    joint, separate = (_without_dropout(cls(_tiny_model(), seed=0)) for _ in range(2))
+    source, target = _batch(0), _batch(100, with_label=cls.uses_target_labels)
+    if not hasattr(joint, "joins_student_passes") or not joint.joins_student_passes(source, target):
+        assert not name.startswith("daformer"), f"{name} should join its student passes"
+        return
+    separate.joins_student_passes = lambda source, target: False
+    passes = []
+    encode = joint.model.forward_features
+    joint.model.forward_features = lambda x: passes.append(len(x)) or encode(x)
+    first = joint.step(source, target, 0)
+    del joint.model.forward_features
+    second = separate.step(source, target, 0)
+    assert passes[0] == len(source.image) + len(target.image)  # source and mixed batch in one pass
+    assert list(first) == list(second)
+    for key in first:
+        assert first[key].item() == pytest.approx(second[key].item(), rel=1e-4, abs=1e-6), key
+    sum(first.values()).backward()
+    sum(second.values()).backward()
+    for (key, a), b in zip(joint.named_parameters(), separate.parameters()):
+        assert (a.grad is None) == (b.grad is None), key
+        if a.grad is not None:
+            assert torch.allclose(a.grad, b.grad, rtol=1e-3, atol=1e-5), key
+    for (key, a), b in zip(joint.model.named_buffers(), separate.model.buffers()):
+        assert torch.allclose(a.float(), b.float(), rtol=1e-4, atol=1e-6), key
 
 
 def test_ema_teacher_averages_every_parameter_and_float_buffer_and_copies_counters():
