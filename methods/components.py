@@ -10,7 +10,7 @@ import contextlib
 import copy
 import functools
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -155,6 +155,21 @@ def _batch_norm_per_part(layer: nn.modules.batchnorm._BatchNorm, parts: int, x: 
         raise ValueError(f"a batch of {x.shape[0]} does not split into {parts} equal parts")
     # the class's own forward on each part: what separate passes run, momentum and counters included
     return torch.cat([type(layer).forward(layer, part) for part in x.chunk(parts)])
+
+
+def head_per_part(head: nn.Module, parts: Sequence[Sequence[Tensor]]) -> list[Tensor]:
+    """``[head(levels) for levels in parts]`` for a head on multi-level features (a decode, attention
+    or projection head), computed where the parts have one shape in one call over their concatenation
+    with every BatchNorm layer normalising each part on its own (``batch_norm_per_part``): the same
+    outputs, gradients and running statistics up to float rounding, at one call's per-operation cost.
+
+    parts: P lists of L levels (B, C_l, h_l, w_l), finest first -> P outputs (B, ...)."""
+    shapes = {tuple(tuple(level.shape) for level in levels) for levels in parts}
+    if len(parts) == 1 or len(shapes) > 1:
+        return [head(levels) for levels in parts]
+    with batch_norm_per_part(head, len(parts)):
+        output = head([torch.cat(level) for level in zip(*parts)])
+    return list(output.chunk(len(parts)))
 
 
 @torch.no_grad()

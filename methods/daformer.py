@@ -26,14 +26,16 @@ add-ons reuse it instead of computing it again:
                                     batch (context.teacher_source_features), in one encoder pass
     target_pseudo_labels(target)    teacher pseudo-labels and weights (context.pseudo_labels/_weights)
     mixed_batch(...)                ClassMix + strong augmentation (context.mixed_images/_labels/_weights)
-    joint_student_pass(context)     the student's predictions of the source and the mixed batch in one
-                                    pass (context.predictions), where ``joins_student_passes``
+    student_inputs(context)         the batches the student predicts, by name: "source", "mix" and an
+                                    add-on's own (MIC's masked target, "mic_masked")
+    joint_student_pass(context)     the student's predictions of all of them in one pass
+                                    (context.predictions), where ``joins_student_passes``
     source_losses(context)          student on the source batch (context.source_logits/_features)
     mixed_losses(context)           student on the mixed batch (context.mixed_logits/_features)
     addon_losses(context)           {} here; each add-on adds its terms and calls super()
 
-A base that predicts otherwise (HRDA's multi-resolution crops) takes the two student passes
-separately, the source pass first, as before the teacher's.
+Where the passes are not joined (batches of different sizes, or a subclass that changes how the
+student predicts without a joint pass of its own), each loss hook runs its own pass.
 
 All student forward passes go through ``forward_train`` (logits and encoder features for the whole
 input crop) or ``student_features``, every supervised loss through ``supervised_losses``, and teacher
@@ -120,9 +122,22 @@ class StepContext:
     mixed_weights: Tensor | None = None
     mixed_logits: Tensor | None = None
     mixed_features: list[Tensor] = field(default_factory=list)
-    #: ``forward_train``'s (logits, features) of the source ("source") and mixed ("mix") batches when
-    #: ``joint_student_pass`` computed them together; the loss hooks read them instead of a pass.
-    predictions: dict[str, tuple[Tensor, list[Tensor]]] = field(default_factory=dict)
+    #: The batches the student predicts this step, by name, in the order the loss hooks read them
+    #: (``student_inputs``): "source", "mix" and any an add-on adds.
+    student_inputs: dict[str, Tensor] = field(default_factory=dict)
+    #: The base's prediction of each of ``student_inputs`` when ``joint_student_pass`` computed them
+    #: together, as its ``supervised_losses`` takes it (``prediction=``): here ``forward_train``'s
+    #: (logits, features); the loss hooks read them instead of running a pass.
+    predictions: dict[str, tuple] = field(default_factory=dict)
+
+
+#: The hooks whose results a joint pass stands in for: a class joins its student passes only where the
+#: class that defines ``joint_student_pass`` defines, or derives from the definer of, each of them.
+PREDICTION_HOOKS = ("forward_train", "supervised_losses", "source_losses", "mixed_losses")
+
+
+def _defined_by(cls: type, name: str) -> type:
+    return next(c for c in cls.__mro__ if name in vars(c))
 
 
 @register
@@ -225,33 +240,40 @@ class DAFormer(Method):
         logits, features = self.forward_train(images) if prediction is None else prediction
         return {f"{prefix}_ce": cross_entropy(logits, labels, weights)}, logits, features
 
-    def joins_student_passes(self, source: Batch, target: Batch) -> bool:
-        """Whether ``joint_student_pass`` serves this step: the student's predictions are this base's
-        ``forward_train`` (a base that predicts otherwise, HRDA, gets two passes) and the source and
-        mixed batches have one size (the mixed images have the target's)."""
-        return (
-            type(self).forward_train is DAFormer.forward_train
-            and type(self).supervised_losses is DAFormer.supervised_losses
-            and type(self).source_losses is DAFormer.source_losses
-            and type(self).mixed_losses is DAFormer.mixed_losses
-            and source.image.shape[1:] == target.image.shape[1:]
-            and len(source.image) == len(target.image)
-        )
+    def student_inputs(self, context: StepContext) -> dict[str, Tensor]:
+        """The batches the student predicts this step, by name, in the order the loss hooks take them:
+        the source and the mixed batch; an add-on that trains on another view (MIC's masked target)
+        adds its own through super(), so that it joins the pass. Images (B, 3, H, W)."""
+        return {"source": context.source.image, "mix": context.mixed_images}
+
+    def joins_student_passes(self, context: StepContext) -> bool:
+        """Whether ``joint_student_pass`` serves this step: it is defined by the class that defines
+        the student's predictions and losses (``PREDICTION_HOOKS``; a subclass that predicts
+        otherwise without a joint pass of its own gets one pass per batch), and every student input
+        has one shape."""
+        cls = type(self)
+        joint = _defined_by(cls, "joint_student_pass")
+        if not all(issubclass(joint, _defined_by(cls, hook)) for hook in PREDICTION_HOOKS):
+            return False
+        shapes = {tuple(images.shape) for images in context.student_inputs.values()}
+        return len(shapes) == 1
 
     def joint_student_pass(self, context: StepContext) -> None:
-        """The student's ``forward_train`` of the source and the mixed batch in one pass over their
+        """The student's ``forward_train`` of every student input in one pass over their
         concatenation, every BatchNorm layer normalising (and moving its running statistics by) each
-        batch on its own (``batch_norm_per_part``): the predictions, losses and gradients of two
-        passes up to float rounding, at one pass's per-operation overhead, which on the embedded
+        input on its own (``batch_norm_per_part``): the predictions, losses and gradients of one pass
+        per input up to float rounding, at one pass's per-operation overhead, which on the embedded
         encoder is most of its cost (forward and backward over two 64x64 crops 29.6 ms, over four
-        30.7 ms). Dropout draws its masks in one call instead of two. Fills ``context.predictions``.
+        30.7 ms). Dropout draws its masks in one call instead of one per input. Fills
+        ``context.predictions``.
 
-        source.image, mixed_images: (B, 3, H, W) each -> logits (B, C, h, w) and features per batch."""
-        batch = len(context.source.image)
-        with batch_norm_per_part(self.model, 2):
-            logits, features = self.forward_train(torch.cat([context.source.image, context.mixed_images]))
-        for name, part in (("source", slice(None, batch)), ("mix", slice(batch, None))):
-            context.predictions[name] = (logits[part], [level[part] for level in features])
+        student_inputs: P batches (B, 3, H, W) -> per input logits (B, C, h, w) and features."""
+        inputs = context.student_inputs
+        parts = len(inputs)
+        with batch_norm_per_part(self.model, parts):
+            logits, features = self.forward_train(torch.cat(list(inputs.values())))
+        for name, part_logits, *part_features in zip(inputs, logits.chunk(parts), *(f.chunk(parts) for f in features)):
+            context.predictions[name] = (part_logits, part_features)
 
     def source_losses(self, context: StepContext) -> dict[str, Tensor]:
         source = context.source
@@ -327,8 +349,6 @@ class DAFormer(Method):
 
     def step(self, source: Batch, target: Batch, step: int) -> dict[str, Tensor]:
         context = StepContext(step, source, target)
-        joint = self.joins_student_passes(source, target)
-        losses = {} if joint else self.source_losses(context)
         teacher_logits, context.teacher_source_features = self.teacher_pass(
             target.image, source.image if self.wants_teacher_source_features else None
         )
@@ -336,9 +356,10 @@ class DAFormer(Method):
         context.mixed_images, context.mixed_labels, context.mixed_weights = self.mixed_batch(
             source, target, context.pseudo_labels, context.pseudo_weights
         )
-        if joint:
+        context.student_inputs = self.student_inputs(context)
+        if self.joins_student_passes(context):
             self.joint_student_pass(context)
-            losses.update(self.source_losses(context))
+        losses = self.source_losses(context)
         losses.update(self.mixed_losses(context))
         losses.update(self.addon_losses(context))
         return losses

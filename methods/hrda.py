@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -56,6 +57,7 @@ from benchmark.config import ConfigError
 from benchmark.metrics import window_starts
 from benchmark.models import SegFormerHead, Segmentor
 from methods.base import SearchRange, cross_entropy, register
+from methods.components import batch_norm_per_part, head_per_part
 from methods.daformer import DAFormer, DAFormerParams, StepContext
 
 
@@ -254,11 +256,47 @@ class HRDASegmentor(Segmentor):
     def forward_crops(self, images: Tensor, box: DetailBox) -> TrainingPrediction:
         """The training forward: context view of the whole crop, detail view of ``box``, attention masked
         outside the box. images: (B, 3, H, W)."""
-        self._check_crop(images)
+        return self.forward_crops_jointly([(images, box)])[0]
+
+    def forward_crops_jointly(self, crops: Sequence[tuple[Tensor, DetailBox]]) -> list[TrainingPrediction]:
+        """``forward_crops`` of each (images, box) of ``crops``, in as few passes as their shapes allow:
+        where every context view and every detail crop has one shape (the default: both half the crop's
+        side), one encoder and decode-head pass over [context 1, detail 1, context 2, detail 2, ...]
+        and one attention-head pass over the contexts, each BatchNorm layer normalising every view on
+        its own (``batch_norm_per_part``), in the order separate passes take them; else a pass per
+        view. Equal to separate ``forward_crops`` up to float rounding, gradients and running
+        statistics included; the embedded encoder's cost is mostly per pass, not per image."""
+        views = []
+        for images, box in crops:
+            self._check_crop(images)
+            views += [self.context_view(images), box.crop(images)]
+        if len({tuple(view.shape) for view in views}) == 1:
+            with batch_norm_per_part(self, len(views)):
+                logits, features = self._logits(torch.cat(views))
+            chunks = zip(logits.chunk(len(views)), *(level.chunk(len(views)) for level in features))
+            passes = [(view_logits, list(view_features)) for view_logits, *view_features in chunks]
+        else:
+            passes = [self._logits(view) for view in views]
+        contexts, details = passes[0::2], passes[1::2]
+        attentions = head_per_part(self.attention, [features for _, features in contexts])
+        return [
+            self._training_prediction(images, box, context_logits, context_features, torch.sigmoid(attention), detail_logits)
+            for (images, box), (context_logits, context_features), attention, (detail_logits, _) in zip(
+                crops, contexts, attentions, details
+            )
+        ]
+
+    def _training_prediction(
+        self,
+        images: Tensor,
+        box: DetailBox,
+        context_logits: Tensor,
+        context_features: list[Tensor],
+        attention: Tensor,
+        detail_logits: Tensor,
+    ) -> TrainingPrediction:
+        """Mask the attention a_c outside ``box``, place the detail logits at the box and fuse (sec. 3.3)."""
         height, width = images.shape[-2:]
-        context_logits, context_features = self._logits(self.context_view(images))
-        attention = self.scale_attention(context_features)
-        detail_logits, _ = self._logits(box.crop(images))
         mask = attention.new_zeros((1, 1, *attention.shape[-2:]))
         rows, columns = box.on_grid(self.alignment)
         mask[:, :, rows, columns] = 1
@@ -362,13 +400,32 @@ class HRDA(DAFormer):
 
     # ---- DAFormer's hooks --------------------------------------------------------------------
 
-    def forward_train(self, images: Tensor) -> tuple[Tensor, list[Tensor]]:
+    def detail_box(self, images: Tensor) -> DetailBox:
+        """A random detail crop of a training crop (B, 3, H, W), drawn from the method's generator."""
         height, width = images.shape[-2:]
         size = self.model.detail_window(height, width)
-        box = random_detail_box(height, width, size, self.model.alignment, self.generator)
+        return random_detail_box(height, width, size, self.model.alignment, self.generator)
+
+    def forward_train(self, images: Tensor) -> tuple[Tensor, list[Tensor]]:
+        box = self.detail_box(images)
         prediction = self.model.forward_crops(images, box)
         self.last_detail = DetailPrediction(prediction.detail, box)
         return prediction.fused, prediction.context_features
+
+    def joint_student_pass(self, context: StepContext) -> None:
+        """Every student input's multi-resolution prediction in one encoder pass over all their views
+        (``HRDASegmentor.forward_crops_jointly``), one detail box drawn per input in input order, as
+        separate ``forward_train`` calls draw them. Fills ``context.predictions`` with (fused logits,
+        context features, ``DetailPrediction``), what ``supervised_losses`` takes as ``prediction``."""
+        inputs = context.student_inputs
+        crops = [(images, self.detail_box(images)) for images in inputs.values()]
+        predictions = self.model.forward_crops_jointly(crops)
+        for name, (_, box), prediction in zip(inputs, crops, predictions):
+            context.predictions[name] = (
+                prediction.fused,
+                prediction.context_features,
+                DetailPrediction(prediction.detail, box),
+            )
 
     def student_features(self, images: Tensor) -> list[Tensor]:
         """Student encoder features of the context view of ``images``, the features ``forward_train``
@@ -388,12 +445,18 @@ class HRDA(DAFormer):
         return self.model.alignment
 
     def multi_resolution_losses(
-        self, prefix: str, fused: Tensor, labels: Tensor, weights: Tensor | None = None
+        self,
+        prefix: str,
+        fused: Tensor,
+        labels: Tensor,
+        weights: Tensor | None = None,
+        detail: DetailPrediction | None = None,
     ) -> dict[str, Tensor]:
-        """(1 - lambda_d) CE(y_F, y) and lambda_d CE(y_d, y[b_d]) for the latest ``forward_train``.
+        """(1 - lambda_d) CE(y_F, y) and lambda_d CE(y_d, y[b_d]) of one prediction: ``detail`` (by
+        default the latest ``forward_train``'s) belongs to ``fused``.
 
         fused: (B, C, H/o, W/o); labels, weights: (B, H, W) of the whole crop."""
-        detail = self.last_detail
+        detail = self.last_detail if detail is None else detail
         weight = self.params.detail_loss_weight
         detail_weights = None if weights is None else detail.box.crop(weights)
         return {
@@ -407,21 +470,23 @@ class HRDA(DAFormer):
         images: Tensor,
         labels: Tensor,
         weights: Tensor | None = None,
-        prediction: tuple[Tensor, list[Tensor]] | None = None,
+        prediction: tuple[Tensor, list[Tensor], DetailPrediction] | None = None,
     ) -> tuple[dict[str, Tensor], Tensor, list[Tensor]]:
         """HRDA's two terms (``multi_resolution_losses``) in place of DAFormer's single cross-entropy,
-        so the mixed loss and every add-on loss built on this hook get the detail term too. HRDA
-        takes its student passes one by one (``joins_student_passes`` is false): ``prediction`` is
-        never given, since the detail term needs the detail crop of its own pass."""
-        if prediction is not None:
-            raise ValueError("HRDA computes its multi-resolution prediction itself; prediction must be None")
-        fused, features = self.forward_train(images)
-        return self.multi_resolution_losses(prefix, fused, labels, weights), fused, features
+        so the mixed loss and every add-on loss built on this hook get the detail term too.
+        ``prediction`` is (fused, context features, detail) of ``images`` when the step has it
+        (``joint_student_pass``); else ``forward_train`` runs here."""
+        if prediction is None:
+            fused, features = self.forward_train(images)
+            detail = self.last_detail
+        else:
+            fused, features, detail = prediction
+        return self.multi_resolution_losses(prefix, fused, labels, weights, detail), fused, features
 
     def source_losses(self, context: StepContext) -> dict[str, Tensor]:
         source = context.source
         losses, context.source_logits, context.source_features = self.supervised_losses(
-            "source", source.image, source.label
+            "source", source.image, source.label, prediction=context.predictions.get("source")
         )
         if self.reference_encoder is not None:
             # the reference encoder sees what the student's context branch saw

@@ -66,16 +66,27 @@ class MIC(AddOn):
     search_space = {"mic_weight": SearchRange(0.1, 3.0, log=True)}
     bases = ("daformer", "hrda")
 
-    def addon_losses(self, context) -> dict[str, Tensor]:
-        losses = super().addon_losses(context)
+    def student_inputs(self, context) -> dict[str, Tensor]:
+        """The base's inputs plus the masked, colour-augmented target ("mic_masked"), which has the
+        target's size and so joins the base's student pass (``DAFormer.joint_student_pass``)."""
+        inputs = super().student_inputs(context)
         p = self.params
         images = context.target.image
         if p.mic_color_augment:
             images = self.augment(images)
         block = max(1, round(p.mic_block_fraction * images.shape[-2]))
         mask = block_mask((images.shape[0], *images.shape[-2:]), block, p.mic_mask_ratio, self.generator)
+        inputs["mic_masked"] = images * mask.to(images.device)
+        return inputs
+
+    def addon_losses(self, context) -> dict[str, Tensor]:
+        losses = super().addon_losses(context)
         masked, _, _ = self.supervised_losses(
-            "mic_masked", images * mask.to(images.device), context.pseudo_labels, context.pseudo_weights
+            "mic_masked",
+            context.student_inputs["mic_masked"],
+            context.pseudo_labels,
+            context.pseudo_weights,
+            prediction=context.predictions.get("mic_masked"),
         )
-        losses.update({name: p.mic_weight * loss for name, loss in masked.items()})
+        losses.update({name: self.params.mic_weight * loss for name, loss in masked.items()})
         return losses

@@ -37,7 +37,13 @@ from torch import Tensor
 
 from benchmark.classes import IGNORE_INDEX, NUM_CLASSES
 from methods.base import AddOn, SearchRange, register_addon
-from methods.components import ProjectionHead, contrastive_loss, labels_where_weighted, majority_labels
+from methods.components import (
+    ProjectionHead,
+    contrastive_loss,
+    head_per_part,
+    labels_where_weighted,
+    majority_labels,
+)
 
 
 #: Where Optuna searches the weight of either term (the paper's 0.1 in the middle of the log range).
@@ -203,9 +209,10 @@ class PiPa(AddOn):
         if p.pipa_pixel_target:
             mixed_labels = labels_where_weighted(context.mixed_labels, context.mixed_weights)
             batches.append((context.mixed_features, mixed_labels, context.mixed_logits))
+        # one projection-head call over the batches' features, each normalised by its own statistics
+        projected = head_per_part(self.pipa_pixel_projection, [features for features, _, _ in batches])
         embeddings, labels, predictions = [], [], []
-        for features, label, logits in batches:
-            embedding = self.pipa_pixel_projection(features)
+        for (_, label, logits), embedding in zip(batches, projected):
             size = embedding.shape[-2:]
             embeddings.append(embedding)
             labels.append(majority_labels(label, size, NUM_CLASSES, p.pipa_label_min_ratio).flatten(1))

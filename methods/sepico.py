@@ -56,6 +56,7 @@ from methods.components import (
     ProjectionHead,
     contrastive_loss,
     flatten_labelled,
+    head_per_part,
     labels_where_weighted,
     majority_labels,
 )
@@ -235,12 +236,9 @@ class SePiCo(AddOn):
             return bank_contrast(features, labels, stats.bank, stats.bank_filled, p.sepico_temperature)
         return dist_contrast(features, labels, stats.mean, stats.variance, p.sepico_temperature)
 
-    def sepico_cells(
-        self, features: list[Tensor], labels: Tensor, cells: Tensor | None = None
-    ) -> tuple[Tensor, Tensor]:
-        """Student embeddings of the cells whose area-vote label is a class: (N, D), (N,). ``cells``:
-        the area-vote labels (B, h, w) of ``labels`` when already computed for this grid."""
-        embeddings = self.sepico_projection(features)
+    def sepico_cells(self, embeddings: Tensor, labels: Tensor, cells: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """The student embeddings (B, D, h, w) of the cells whose area-vote label is a class: (N, D),
+        (N,). ``cells``: the area-vote labels (B, h, w) of ``labels`` when already computed for this grid."""
         if cells is None or cells.shape[-2:] != embeddings.shape[-2:]:
             cells = majority_labels(labels, embeddings.shape[-2:], NUM_CLASSES, self.params.sepico_label_min_ratio)
         return flatten_labelled(embeddings, cells)
@@ -284,9 +282,11 @@ class SePiCo(AddOn):
                 losses["sepico_reg"] = zero
             return losses
         regularizer = zero
-        for domain in domains:
-            features, labels = self.sepico_view(domain, context)
-            embeddings, labels = self.sepico_cells(features, labels, source_cells if domain == "source" else None)
+        views = [self.sepico_view(domain, context) for domain in domains]
+        # one projection-head call over the domains' features, each normalised by its own statistics
+        projected = head_per_part(self.sepico_projection, [features for features, _ in views])
+        for domain, (_, labels), embeddings in zip(domains, views, projected):
+            embeddings, labels = self.sepico_cells(embeddings, labels, source_cells if domain == "source" else None)
             if len(labels) == 0:
                 losses[f"sepico_{domain}"] = embeddings.sum() * 0.0
                 continue

@@ -324,22 +324,27 @@ def _without_dropout(method: Method) -> Method:
 
 
 @pytest.mark.parametrize("name", registered())
-def test_the_joint_student_pass_gives_what_two_passes_give(name):
+def test_the_joint_student_pass_gives_what_separate_passes_give(name):
     # same method, seed and batches; one takes the step's student passes one by one
     cls = method_class(name)
+    if not hasattr(cls, "joins_student_passes"):
+        return
     joint, separate = (_without_dropout(cls(_tiny_model(), seed=0)) for _ in range(2))
     source, target = _batch(0), _batch(100, with_label=cls.uses_target_labels)
-    if not hasattr(joint, "joins_student_passes") or not joint.joins_student_passes(source, target):
-        assert not name.startswith("daformer"), f"{name} should join its student passes"
-        return
-    separate.joins_student_passes = lambda source, target: False
-    passes = []
-    encode = joint.model.forward_features
+    joined, inputs, passes = [], [], []
+    decide, collect, encode = joint.joins_student_passes, joint.student_inputs, joint.model.forward_features
+    joint.joins_student_passes = lambda context: joined.append(decide(context)) or joined[-1]
+    joint.student_inputs = lambda context: inputs.append(collect(context)) or inputs[-1]
     joint.model.forward_features = lambda x: passes.append(len(x)) or encode(x)
+    separate.joins_student_passes = lambda context: False
     first = joint.step(source, target, 0)
     del joint.model.forward_features
     second = separate.step(source, target, 0)
-    assert passes[0] == len(source.image) + len(target.image)  # source and mixed batch in one pass
+    # every self-training method joins; one student pass covers every input (HRDA: both views of each)
+    assert joined == [True], name
+    assert len(inputs[0]) >= 2 + name.endswith("+mic")
+    images = sum(len(batch) for batch in inputs[0].values())
+    assert max(passes) == images * (2 if name.startswith("hrda") else 1), passes
     assert list(first) == list(second)
     for key in first:
         assert first[key].item() == pytest.approx(second[key].item(), rel=1e-4, abs=1e-6), key
@@ -349,8 +354,31 @@ def test_the_joint_student_pass_gives_what_two_passes_give(name):
         assert (a.grad is None) == (b.grad is None), key
         if a.grad is not None:
             assert torch.allclose(a.grad, b.grad, rtol=1e-3, atol=1e-5), key
-    for (key, a), b in zip(joint.model.named_buffers(), separate.model.buffers()):
+    for (key, a), b in zip(joint.named_buffers(), separate.buffers()):
         assert torch.allclose(a.float(), b.float(), rtol=1e-4, atol=1e-6), key
+
+
+def test_head_per_part_equals_a_call_per_part():
+    from methods.components import ProjectionHead, head_per_part
+
+    torch.manual_seed(0)
+    head = ProjectionHead([3, 5], 4, 6).train()
+    split = copy.deepcopy(head)
+    parts = [[torch.randn(2, 3, 4, 4) * scale, torch.randn(2, 5, 2, 2) + scale] for scale in (1.0, 3.0)]
+    separate = [head(levels) for levels in parts]
+    joint = head_per_part(split, parts)
+    weights = [torch.randn_like(output) for output in separate]
+    sum((o * w).sum() for o, w in zip(separate, weights)).backward()
+    sum((o * w).sum() for o, w in zip(joint, weights)).backward()
+    for a, b in zip(separate, joint):
+        assert torch.allclose(a, b, atol=1e-5)
+    for a, b in zip(head.parameters(), split.parameters()):
+        assert torch.allclose(a.grad, b.grad, rtol=1e-4, atol=1e-5)
+    for a, b in zip(head.buffers(), split.buffers()):
+        assert torch.allclose(a.float(), b.float(), atol=1e-6)
+    # parts of other shapes get a call each
+    uneven = head_per_part(split, [parts[0], [level[:1] for level in parts[1]]])
+    assert [tuple(o.shape) for o in uneven] == [(2, 4, 4, 4), (1, 4, 4, 4)]
 
 
 def test_ema_teacher_averages_every_parameter_and_float_buffer_and_copies_counters():

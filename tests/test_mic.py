@@ -47,10 +47,12 @@ def test_mic_loss_limits_nothing_masked_and_everything_masked():
     context = _context(method)
     with torch.no_grad():
         method.params.mic_mask_ratio = 0.0
+        context.student_inputs = method.student_inputs(context)
         unmasked = method.addon_losses(context)["mic_masked_ce"]
         plain = cross_entropy(method.model(context.target.image), context.pseudo_labels, context.pseudo_weights)
         assert unmasked.item() == pytest.approx(2.0 * plain.item(), rel=1e-5)
         method.params.mic_mask_ratio = 1.0 - 1e-9
+        context.student_inputs = method.student_inputs(context)
         masked = method.addon_losses(context)["mic_masked_ce"]
         blank = cross_entropy(method.model(torch.zeros_like(context.target.image)), context.pseudo_labels, context.pseudo_weights)
         assert masked.item() == pytest.approx(2.0 * blank.item(), rel=1e-5)
@@ -61,12 +63,14 @@ def test_mic_masks_blocks_scaled_to_the_crop_and_uses_the_base_loss(monkeypatch)
     method.params.mic_color_augment = False
     seen = []
 
-    def recording(prefix, images, labels, weights=None):
+    def recording(prefix, images, labels, weights=None, prediction=None):
         seen.append((images, labels, weights))
         return {f"{prefix}_ce": torch.zeros(())}, None, []
 
     monkeypatch.setattr(method, "supervised_losses", recording)
     context = _context(method)
+    context.student_inputs = method.student_inputs(context)
+    assert list(context.student_inputs) == ["source", "mix", "mic_masked"]
     method.addon_losses(context)
     (images, labels, weights), = seen
     assert labels is context.pseudo_labels and weights is context.pseudo_weights
