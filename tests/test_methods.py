@@ -237,6 +237,17 @@ def test_projection_head_concatenates_levels_and_normalises():
     embeddings = head(features)
     assert embeddings.shape == (2, 5, 8, 8)
     assert torch.allclose(embeddings.norm(dim=1), torch.ones(2, 8, 8), atol=1e-5)
+    # projecting each level on its own grid, then upsampling, is the head on the concatenation
+    reference = copy.deepcopy(head)
+    concatenated = torch.nn.functional.normalize(reference.layers(joined), dim=1)
+    assert torch.allclose(embeddings, concatenated, atol=1e-5)
+    weight = torch.randn_like(embeddings)
+    (embeddings * weight).sum().backward()
+    (concatenated * weight).sum().backward()
+    for a, b in zip(head.parameters(), reference.parameters()):
+        assert torch.allclose(a.grad, b.grad, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match=r"levels of \[4, 6, 8\] channels"):
+        head(features[:2] + [features[2][:, :3]])
     labels = torch.tensor([[[1, 2], [3, 4]]])
     weights = torch.tensor([[[0.5, 0.0], [1.0, 0.0]]])
     assert labels_where_weighted(labels, weights).tolist() == [[[1, 255], [3, 255]]]
