@@ -31,6 +31,14 @@ method (one row of ``results/cost.csv``):
   CPU (the high-water mark reset before each step through ``/proc/self/clear_refs`` where Linux offers
   it, so it is this method's peak, including what the other methods keep resident), memory allocated
   by tensors on a GPU.
+- where the iteration goes, median seconds per part (``step_time.PARTS``; the medians need not add
+  up to ``step_time_s`` exactly): ``teacher_s`` (the teacher's pass and pseudo-labels), ``mix_s``
+  (the mixed batch and its augmentation), ``student_s`` (the student's one pass over every input it
+  predicts), ``addon_s`` (the add-ons' own terms: PiPa's patch pass, MIC's masking, SePiCo's
+  statistics), ``losses_s`` (the rest of ``Method.step``: the source and mixed losses; the whole step of
+  source_only and target_oracle), ``backward_s``, ``optimizer_s`` and ``ema_s`` (the teacher's update),
+  with ``data_time_s`` above. The stages are timed by wrapping the method's step hooks
+  (``step_time.StageTimer``), a few microseconds per step.
 """
 
 from __future__ import annotations
@@ -49,13 +57,14 @@ from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
 from benchmark.config import ConfigError
 from benchmark.formats import DatasetFormatError, write_bytes_atomic
 from benchmark.profiles import resolve
-from benchmark.step_time import Contender, build_contenders, interleaved, timed_step
+from benchmark.step_time import PARTS, Contender, StageTimer, build_contenders, interleaved, timed_parts, timed_step
 from benchmark.train import REPO, WARM_START_DIR
 from methods import registered
 
 COLUMNS = [
     "method", "benchmark", "profile", "device", "threads", "steps", "step_time_s", "ratio_to_daformer",
     "data_time_s", "data_share", "flops_per_step", "achieved_flops", "peak_flops", "utilisation", "peak_memory_mb",
+    *(f"{part}_s" for part in PARTS if part != "data"),
 ]
 DEFAULT_OUT = REPO / "results" / "cost.csv"
 _CLEAR_REFS = Path("/proc/self/clear_refs")
@@ -164,8 +173,8 @@ def measure_cost(
     contenders = build_contenders(params, benchmark, methods, seed, profile, overrides, device, warm_start_dir, progress)
     device = contenders[0].device
     memory = PeakMemory(device)
-    data_s = {name: [] for name in methods}
-    step_s = {name: [] for name in methods}
+    stages = {contender.name: StageTimer(contender.method, device) for contender in contenders}
+    parts_s = {name: {part: [] for part in PARTS} for name in methods}
     peaks = {name: 0.0 for name in methods}
     flops: dict[str, int] = {}
     peak_flops = 0.0
@@ -176,16 +185,18 @@ def measure_cost(
             peak_flops = max(peak_flops, matmul_flops(device, matmul_size))
         if step == warmup and contender.name not in flops:
             flops[contender.name] = step_flops(contender, step)  # an extra, untimed step
+            stages[contender.name].take()  # not a timed step's
         memory.reset()
-        loading, computing = timed_step(contender, step)
+        parts = timed_parts(contender, step, stages[contender.name])
         peaks[contender.name] = max(peaks[contender.name], memory.read())
         if step >= warmup:
-            data_s[contender.name].append(loading)
-            step_s[contender.name].append(computing)
+            for part, seconds in parts.items():
+                parts_s[contender.name][part].append(seconds)
+    iterations = {name: [sum(step) for step in zip(*parts_s[name].values())] for name in methods}
     rows = []
     for name in methods:
-        iterations = [a + b for a, b in zip(data_s[name], step_s[name])]
-        median = statistics.median(iterations)
+        data_s = parts_s[name]["data"]
+        median = statistics.median(iterations[name])
         achieved = flops[name] / median
         rows.append(
             {
@@ -196,23 +207,22 @@ def measure_cost(
                 "threads": torch.get_num_threads(),
                 "steps": steps,
                 "step_time_s": median,
-                "data_time_s": statistics.median(data_s[name]),
-                "data_share": sum(data_s[name]) / sum(iterations),
+                "data_time_s": statistics.median(data_s),
+                "data_share": sum(data_s) / sum(iterations[name]),
                 "flops_per_step": flops[name],
                 "achieved_flops": achieved,
                 "peak_flops": peak_flops,
                 "utilisation": achieved / peak_flops,
                 "peak_memory_mb": peaks[name],
+                **{f"{part}_s": statistics.median(parts_s[name][part]) for part in PARTS if part != "data"},
             }
         )
-    reference = [a + b for a, b in zip(data_s["daformer"], step_s["daformer"])] if "daformer" in methods else None
+    reference = iterations.get("daformer")
     for row in rows:
-        if reference is None:
-            row["ratio_to_daformer"] = None
-            continue
-        iterations = [a + b for a, b in zip(data_s[row["method"]], step_s[row["method"]])]
         # paired by round: both steps of a round ran under the same load from elsewhere
-        row["ratio_to_daformer"] = statistics.median(t / r for t, r in zip(iterations, reference))
+        row["ratio_to_daformer"] = (
+            None if reference is None else statistics.median(t / r for t, r in zip(iterations[row["method"]], reference))
+        )
     return rows
 
 
@@ -271,6 +281,11 @@ def main(argv: list[str] | None = None) -> int:
             f" {row['flops_per_step'] / 1e9:.2f} GFLOP, utilisation {row['utilisation']:.1%},"
             f" peak {row['peak_memory_mb']:.0f} MiB"
         )
+    width = max(len(row["method"]) for row in rows)
+    print(f"where each step goes, median ms:\n{'':{width}s}" + "".join(f"{part:>10s}" for part in PARTS))
+    for row in rows:
+        times = [row["data_time_s"], *(row[f"{part}_s"] for part in PARTS[1:])]
+        print(f"{row['method']:{width}s}" + "".join(f"{1e3 * seconds:10.1f}" for seconds in times))
     return 0
 
 

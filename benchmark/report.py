@@ -3,11 +3,12 @@
     python benchmark/report.py                                  # aggregate results/runs (params.yaml's grid)
     python benchmark/report.py --frame results/aggregate.json   # the frame the aggregate stage wrote
 
-The report holds the leaderboard, per-class and ablation tables and five seaborn figures, all drawn
+The report holds the leaderboard, per-class and ablation tables and six seaborn figures, all drawn
 from the one frame of ``benchmark.aggregate.runs_frame``: target-test mIoU per method with the seeds
 and their standard deviation (``miou.png``), per-class IoU heatmaps (``per_class_iou.png``), select
 mIoU during training (``select_curves.png``), ablation deltas (``ablations.png``) and, when the cost
-benchmark has written ``results/cost.csv``, step time against mIoU (``cost_vs_miou.png``). It works
+benchmark has written ``results/cost.csv``, step time against mIoU (``cost_vs_miou.png``) and where each
+method's step goes (``cost_breakdown.png``). It works
 on partial results: runs of the grid without a record, records outside the grid and absent inputs
 are listed in the report instead of stopping it.
 """
@@ -56,6 +57,19 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "results"
 #: Column names a step-time column of ``results/cost.csv`` may have, in order of preference.
 STEP_TIME_COLUMNS = ("step_time_s", "step_time_s_median", "median_step_time_s", "step_time_median_s")
+#: The columns of ``results/cost.csv`` that split an iteration into parts (``step_time.PARTS``), with
+#: their legend labels; the breakdown figure needs all of them.
+COST_PARTS = {
+    "data_time_s": "waiting for data",
+    "teacher_s": "teacher pass",
+    "mix_s": "mixed batch",
+    "student_s": "student pass",
+    "addon_s": "add-on terms",
+    "losses_s": "losses (rest of the step)",
+    "backward_s": "backward",
+    "optimizer_s": "optimiser",
+    "ema_s": "EMA update",
+}
 
 
 def headline(protocol: str) -> str:
@@ -227,6 +241,40 @@ def load_cost(path: Path) -> tuple[pd.DataFrame | None, str]:
     return cost.groupby(keys, as_index=False)["step_time_s"].median(), ""
 
 
+def load_cost_parts(path: Path) -> pd.DataFrame | None:
+    """Median milliseconds per part of an iteration (``COST_PARTS``) per method and benchmark of
+    ``results/cost.csv``, in its row order; None when the file or any part column is missing."""
+    try:
+        cost = pd.read_csv(path)
+    except (OSError, ValueError):
+        return None
+    if not {"method", "benchmark", *COST_PARTS} <= set(cost.columns):
+        return None
+    parts = cost.groupby(["benchmark", "method"], sort=False, as_index=False)[list(COST_PARTS)].median()
+    parts[list(COST_PARTS)] *= 1e3
+    return parts
+
+
+def figure_cost_parts(parts: pd.DataFrame):
+    """Where each method's training iteration goes: stacked horizontal bars of median ms per part."""
+    panels = list(parts.groupby("benchmark", sort=False))
+    height = 0.45 * max(len(rows) for _, rows in panels) + 1.6
+    figure, axes = plt.subplots(1, len(panels), figsize=(8.0 * len(panels) + 2.0, height), squeeze=False)
+    colours = sns.color_palette("tab10", len(COST_PARTS))
+    for ax, (benchmark, rows) in zip(axes[0], panels):
+        left = np.zeros(len(rows))
+        for colour, (column, label) in zip(colours, COST_PARTS.items()):
+            ax.barh(rows["method"], rows[column], left=left, color=colour, label=label)
+            left += rows[column].to_numpy()
+        ax.invert_yaxis()
+        ax.set_title(benchmark)
+        ax.set_xlabel("median ms per training iteration, by part")
+    axes[0][-1].legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
+    figure.suptitle("Where each step goes (results/cost.csv; medians per part, so they add up only roughly)", fontsize=10)
+    figure.tight_layout()
+    return figure
+
+
 def cost_points(board: pd.DataFrame, cost: pd.DataFrame) -> pd.DataFrame:
     """Leaderboard rows with the step time of their method (and benchmark when cost.csv has one)."""
     keys = ["method", "benchmark"] if "benchmark" in cost.columns and set(cost["benchmark"]) & set(board["benchmark"]) else ["method"]
@@ -359,6 +407,10 @@ def build_report(collection: Collection, figures_dir: Path, cost_path: Path) -> 
             ]
             sections.append(markdown_table(["benchmark", "method", "step time (s)", "headline mIoU"], rows, "llrr"))
             sections.append(f"\n![Cost against mIoU]({link}/cost_vs_miou.png)\n")
+        parts = load_cost_parts(cost_path)
+        if parts is not None:
+            figures["cost_breakdown.png"] = _png(figure_cost_parts(parts))
+            sections.append(f"Where each method's iteration goes, median ms per part:\n\n![Step breakdown]({link}/cost_breakdown.png)\n")
     else:
         sections.append(why_not + "\n")
 

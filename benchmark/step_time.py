@@ -120,24 +120,99 @@ def _synchronise(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed_step(contender: Contender, index: int) -> tuple[float, float]:
-    """One training iteration of ``contender`` (step ``first_step + index`` of its run): seconds
-    waiting for its batches (drawn ahead by its loaders), seconds of its step."""
+#: The parts of a training iteration a breakdown reports (``StageTimer``, ``timed_parts``), each the
+#: step hooks it times (``DAFormer.step`` calls them in this order; HRDA and the add-ons keep it):
+#: the teacher's pass and pseudo-labels, the mixed batch, the student's joint pass over its inputs,
+#: the add-ons' own terms. ``losses`` is the rest of ``Method.step`` (the source and mixed losses, and
+#: the whole step of a method without these hooks); then backward, optimiser and EMA teacher update.
+STEP_PARTS: dict[str, tuple[str, ...]] = {
+    "teacher": ("teacher_pass", "target_pseudo_labels"),
+    "mix": ("mixed_batch",),
+    "student": ("student_inputs", "joint_student_pass"),
+    "addon": ("addon_losses",),
+}
+PARTS = ("data", *STEP_PARTS, "losses", "backward", "optimizer", "ema")
+
+
+class StageTimer:
+    """Seconds a method spends in each part of ``STEP_PARTS`` during one step.
+
+    It wraps the hooks on the method instance (its class and other instances are untouched): the
+    outermost call of a hook is timed, so a hook that calls another, or itself through ``super()``,
+    is counted once. ``take()`` returns the seconds per part since the last ``take()`` and resets them.
+    """
+
+    def __init__(self, method: Method, device: torch.device):
+        self.device = device
+        self._seconds: dict[str, float] = {}
+        self._depth = 0
+        for part, hooks in STEP_PARTS.items():
+            for name in hooks:
+                hook = getattr(method, name, None)
+                if callable(hook):
+                    setattr(method, name, self._timed(part, hook))
+
+    def _timed(self, part: str, hook):
+        def timed(*args, **kwargs):
+            if self._depth:
+                return hook(*args, **kwargs)
+            self._depth += 1
+            _synchronise(self.device)
+            started = time.perf_counter()
+            try:
+                return hook(*args, **kwargs)
+            finally:
+                _synchronise(self.device)
+                self._seconds[part] = self._seconds.get(part, 0.0) + time.perf_counter() - started
+                self._depth -= 1
+
+        return timed
+
+    def take(self) -> dict[str, float]:
+        seconds, self._seconds = {part: self._seconds.get(part, 0.0) for part in STEP_PARTS}, {}
+        return seconds
+
+
+def timed_parts(contender: Contender, index: int, stages: StageTimer | None = None) -> dict[str, float]:
+    """One training iteration of ``contender`` (step ``first_step + index`` of its run), in seconds
+    per part of ``PARTS``: waiting for its batches (drawn ahead by its loaders), the step's stages
+    (timed by ``stages``, a ``StageTimer`` of the contender's method; without it ``losses`` is the
+    whole of ``Method.step``), backward, optimiser step and EMA update."""
     step = contender.first_step + index
-    _synchronise(contender.device)
-    started = time.perf_counter()
-    source = _on_device(next(contender.source_batches), contender.device)
-    target = _on_device(next(contender.target_batches), contender.device)
-    _synchronise(contender.device)
-    drawn = time.perf_counter()
-    losses = contender.method.step(source, target, step)
+    method, device = contender.method, contender.device
+    _synchronise(device)
+    clock = [time.perf_counter()]
+
+    def lap() -> float:
+        _synchronise(device)
+        clock.append(time.perf_counter())
+        return clock[-1] - clock[-2]
+
+    source = _on_device(next(contender.source_batches), device)
+    target = _on_device(next(contender.target_batches), device)
+    data = lap()
+    losses = method.step(source, target, step)
+    stepping = lap()
     contender.optimizer.zero_grad(set_to_none=True)
     sum(losses.values()).backward()
+    backward = lap()
     contender.optimizer.step()
-    if contender.method.teacher is not None:
-        contender.method.teacher.update(contender.method.model, step)
-    _synchronise(contender.device)
-    return drawn - started, time.perf_counter() - drawn
+    optimizer = lap()
+    if method.teacher is not None:
+        method.teacher.update(method.model, step)
+    ema = lap()
+    seconds = stages.take() if stages is not None else {part: 0.0 for part in STEP_PARTS}
+    # the stages are timed inside the step; float rounding must not make the rest negative
+    seconds["losses"] = max(0.0, stepping - sum(seconds.values()))
+    return {"data": data, **seconds, "backward": backward, "optimizer": optimizer, "ema": ema}
+
+
+def timed_step(contender: Contender, index: int) -> tuple[float, float]:
+    """One training iteration of ``contender`` (``timed_parts``): seconds waiting for its batches,
+    seconds of its step (losses, backward, optimiser step, EMA update)."""
+    parts = timed_parts(contender, index)
+    data = parts.pop("data")
+    return data, sum(parts.values())
 
 
 def interleaved(contenders: list[Contender], rounds: int, progress: bool = True, description: str = "step time"):

@@ -32,8 +32,59 @@ def test_cost_writes_one_sane_row_per_requested_method(data_root, tmp_path):
         )
     daformer, hrda = written
     assert float(daformer["ratio_to_daformer"]) == 1
+    # the breakdown: every part timed, the self-training parts non-zero, no add-on terms without add-ons
+    for row in written:
+        for part in ("teacher", "mix", "student", "losses", "backward", "optimizer", "ema"):
+            assert float(row[f"{part}_s"]) > 0, (row["method"], part)
+        assert float(row["addon_s"]) < 1e-3
     # HRDA's step runs the network on more pixels (a context and a detail crop at twice the scale)
     assert int(hrda["flops_per_step"]) > int(daformer["flops_per_step"])
+
+
+def test_the_breakdown_times_each_part_of_a_step_once(data_root, tmp_path):
+    from benchmark import step_time
+
+    names = ["daformer+pipa", "source_only"]
+    contenders = step_time.build_contenders(
+        tiny_params(data_root), "mini-gta2cs", names, progress=False, warm_start_dir=tmp_path / "warm"
+    )
+    for contender in contenders:
+        stages = step_time.StageTimer(contender.method, contender.device)
+        parts = step_time.timed_parts(contender, 0, stages)
+        assert list(parts) == list(step_time.PARTS)
+        assert all(seconds >= 0 for seconds in parts.values())
+        assert stages.take() == {part: 0.0 for part in step_time.STEP_PARTS}  # taken by the step
+        if contender.name == "source_only":  # none of the self-training hooks: the step is its losses
+            assert parts["losses"] > 0 and all(parts[part] == 0 for part in step_time.STEP_PARTS)
+        else:
+            assert all(parts[part] > 0 for part in step_time.STEP_PARTS)
+
+
+def test_the_stage_timer_counts_a_nested_hook_in_the_outer_part_only():
+    import time
+
+    import torch
+
+    from benchmark import step_time
+
+    class Method:
+        def teacher_pass(self):
+            time.sleep(0.02)
+            return self.mixed_batch()  # a hook calling another: its time belongs to the caller
+
+        def mixed_batch(self):
+            time.sleep(0.01)
+            return "mixed"
+
+    method = Method()
+    stages = step_time.StageTimer(method, torch.device("cpu"))
+    assert method.teacher_pass() == "mixed"
+    assert Method().mixed_batch() == "mixed"  # other instances are not timed
+    seconds = stages.take()
+    assert seconds["teacher"] >= 0.03 and seconds["mix"] == 0.0
+    method.mixed_batch()
+    seconds = stages.take()
+    assert seconds["mix"] >= 0.01 and seconds["teacher"] == 0.0
 
 
 def test_cost_rejects_repeated_methods(data_root):

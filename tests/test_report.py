@@ -90,6 +90,35 @@ def test_report_with_every_figure(tmp_path, golden):
     assert "whole inference at 64x128" in text
 
 
+def test_the_step_breakdown_figure_stacks_every_part(tmp_path, golden):
+    from benchmark.step_time import PARTS
+
+    collection, _ = golden
+    # the report's columns are the cost benchmark's parts (cost.py writes <part>_s, data as data_time_s)
+    assert list(report.COST_PARTS) == ["data_time_s", *(f"{part}_s" for part in PARTS[1:])]
+    cost = tmp_path / "cost.csv"
+    rows = {"method": ["daformer", "daformer+pipa"], "benchmark": ["mini-gta2cs"] * 2, "step_time_s": [0.06, 0.09]}
+    rows.update({column: [0.001 * (k + 1), 0.002 * (k + 1)] for k, column in enumerate(report.COST_PARTS)})
+    pd.DataFrame(rows).to_csv(cost, index=False)
+    parts = report.load_cost_parts(cost)
+    assert list(parts["method"]) == ["daformer", "daformer+pipa"]
+    assert parts.loc[1, "teacher_s"] == pytest.approx(4.0)  # milliseconds
+    figure = report.figure_cost_parts(parts)
+    bars = _bars(figure.axes[0])
+    assert len(bars) == 2 * len(report.COST_PARTS)
+    # each method's bar ends at the sum of its parts
+    ends: dict[float, float] = {}
+    for bar in bars:
+        ends[bar.get_y()] = max(ends.get(bar.get_y(), 0.0), bar.get_x() + bar.get_width())
+    assert sorted(ends.values()) == pytest.approx([45.0, 90.0])  # 1+2+...+9 ms and twice that
+    plt.close(figure)
+    path = report.write_report(collection, tmp_path / "out", cost)
+    assert "](figures/cost_breakdown.png)" in path.read_text()
+    assert (tmp_path / "out" / "figures" / "cost_breakdown.png").is_file()
+    pd.DataFrame(rows).drop(columns="ema_s").to_csv(cost, index=False)
+    assert report.load_cost_parts(cost) is None  # a part missing: no breakdown
+
+
 def test_cost_rows_by_benchmark_and_bad_cost_files(tmp_path, golden):
     _, board = golden
     cost = tmp_path / "cost.csv"
