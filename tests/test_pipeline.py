@@ -105,8 +105,11 @@ def test_smoke_repro_writes_the_report_and_figures(smoke_repo):
     runs = len(BENCHMARKS) * len(METHODS) * len(SEEDS) + len(SEEDS)
     assert f"{runs} of the {runs} runs of the grid" in text
     figures = sorted(p.name for p in (repo / "results" / "figures").glob("*.png"))
-    assert figures == ["ablations.png", "cost_vs_miou.png", "miou.png", "per_class_iou.png", "select_curves.png"]
+    assert figures == [
+        "ablations.png", "cost_breakdown.png", "cost_vs_miou.png", "miou.png", "per_class_iou.png", "select_curves.png"
+    ]
     assert "`cost.csv` not found" not in text  # the cost stage runs before the report
+    assert "](figures/cost_breakdown.png)" in text  # its parts columns reach the report
 
 
 def test_a_run_trained_beside_its_other_seeds_equals_one_trained_alone(smoke_repo, tmp_path):
