@@ -6,9 +6,9 @@ with feature extraction can be combined with either head. Heads:
 - ``DAFormerHead``: Hoyer et al., "DAFormer", CVPR 2022, section 3.2 (context-aware feature fusion).
 - ``SegFormerHead``: Xie et al., "SegFormer", NeurIPS 2021, section 3.2 (lightweight all-MLP decoder).
 
-Profiles (``PROFILES``): ``embedded`` trains from scratch on a small CPU machine; ``paper`` is the
-DAFormer setup (MiT-B5 family encoder ``pvt_v2_b5``, 256-channel head, 512x512 crops). Pretrained
-weights are read only from local files (``load_encoder_weights``); nothing is downloaded.
+Which encoder, head and width a run uses is its profile's ``model`` section in ``params.yaml``
+(``benchmark/profiles.py``; ``train.build_model`` builds it). Pretrained weights are read only from
+local files (``load_encoder_weights``); nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import pickle
 from collections.abc import Collection, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -376,16 +376,29 @@ def load_encoder_weights(
     return LoadReport(loaded=sorted(mapped), missing=missing, unexpected=unexpected, dropped=dropped)
 
 
+def _create_without_memory(encoder: str, **kwargs) -> nn.Module:
+    """timm's ``encoder`` built on the meta device (no memory, no initialisation)."""
+    try:
+        with torch.device("meta"):
+            return timm.create_model(encoder, pretrained=False, **kwargs)
+    except (NotImplementedError, RuntimeError):
+        # Some constructors read tensor values (e.g. .tolist()), which meta tensors do not have.
+        return timm.create_model(encoder, pretrained=False, **kwargs)
+
+
 def classifier_state_keys(encoder: str, **encoder_kwargs) -> set[str]:
     """State-dict keys of timm's full classifier model ``encoder`` (built on the meta device: no memory)."""
     kwargs = {k: v for k, v in encoder_kwargs.items() if k not in _FEATURE_ONLY_KWARGS}
+    return set(_create_without_memory(encoder, **kwargs).state_dict())
+
+
+def encoder_takes_drop_path(encoder: str) -> bool:
+    """Whether timm's ``encoder`` has stochastic depth, i.e. its constructor takes ``drop_path_rate``."""
     try:
-        with torch.device("meta"):
-            model = timm.create_model(encoder, pretrained=False, **kwargs)
-    except (NotImplementedError, RuntimeError):
-        # Some constructors read tensor values (e.g. .tolist()), which meta tensors do not have.
-        model = timm.create_model(encoder, pretrained=False, **kwargs)
-    return set(model.state_dict())
+        _create_without_memory(encoder, drop_path_rate=0.1)
+    except TypeError:
+        return False
+    return True
 
 
 def build_segmentor(
@@ -416,49 +429,3 @@ def build_segmentor(
     channels = backbone.feature_info.channels()
     decode_head = HEADS[head]([channels[i] for i in levels], num_classes, embed_dim=embed_dim)
     return Segmentor(backbone, decode_head, levels)
-
-
-@dataclass(frozen=True)
-class ModelProfile:
-    """A named model configuration: encoder, head, head width, training crop (h, w), encoder kwargs."""
-
-    encoder: str
-    head: str
-    embed_dim: int
-    crop_size: tuple[int, int]
-    encoder_kwargs: Mapping[str, object] = field(default_factory=dict)
-
-
-PROFILES: dict[str, ModelProfile] = {
-    # Trains from scratch on 2 CPU cores. Batch-4 forward+backward with this head: about 0.13 s at 64x128
-    # and 0.43-0.5 s at 128x256; its encoder alone was the fastest measured (resnet18, pvt_v2_b0 and
-    # mobilenetv3_large_100 were within ~20% overall, the head dominating), and DESIGN.md section 4's
-    # feasibility run used it.
-    "embedded": ModelProfile(encoder="efficientvit_b0", head="daformer", embed_dim=32, crop_size=(64, 128)),
-    # DAFormer's setup: MiT-B5 (timm's pvt_v2_b5, same family) with stochastic depth 0.1 as in MiT-B5.
-    "paper": ModelProfile(
-        encoder="pvt_v2_b5",
-        head="daformer",
-        embed_dim=256,
-        crop_size=(512, 512),
-        encoder_kwargs={"drop_path_rate": 0.1},
-    ),
-}
-
-
-def build_from_profile(
-    profile: str | ModelProfile, num_classes: int, pretrained_path: str | Path | None = None
-) -> Segmentor:
-    """``build_segmentor`` with a profile's settings (a name in ``PROFILES`` or a ``ModelProfile``)."""
-    if isinstance(profile, str):
-        if profile not in PROFILES:
-            raise KeyError(f"unknown model profile {profile!r}; known: {sorted(PROFILES)}")
-        profile = PROFILES[profile]
-    return build_segmentor(
-        profile.encoder,
-        profile.head,
-        num_classes,
-        profile.embed_dim,
-        pretrained_path=pretrained_path,
-        **dict(profile.encoder_kwargs),
-    )

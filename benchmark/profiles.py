@@ -20,7 +20,7 @@ import timm
 from benchmark.config import ConfigError, apply_overrides, from_mapping, load_yaml
 from benchmark.formats import FAMILIES
 from benchmark.metrics import PROTOCOLS
-from benchmark.models import HEADS
+from benchmark.models import HEADS, encoder_takes_drop_path
 
 
 @dataclass
@@ -34,6 +34,9 @@ class ModelConfig:
     #: null: each layer's own (PyTorch's 0.1). On batches of two small crops, 0.1 averages the last
     #: ten or so noisy batch statistics.
     batch_norm_momentum: float | None = None
+    #: Stochastic depth in the encoder (timm's ``drop_path_rate``: the drop probability of its last
+    #: block, rising linearly from 0 at the first); 0: none. MiT-B5 in SegFormer and DAFormer: 0.1.
+    drop_path_rate: float = 0.0
 
 
 @dataclass
@@ -179,6 +182,15 @@ def _validate(run: RunConfig, processes: int = 1) -> None:
         momentum is None or 0.0 < momentum <= 1.0,
         f"{prefix}.model.batch_norm_momentum must be in (0, 1] or null, got {momentum}",
     )
+    _check(
+        0.0 <= model.drop_path_rate < 1.0,
+        f"{prefix}.model.drop_path_rate must be in [0, 1), got {model.drop_path_rate}",
+    )
+    if model.drop_path_rate > 0 and not encoder_takes_drop_path(model.encoder):
+        raise ConfigError(
+            f"{prefix}.model.drop_path_rate: the encoder {model.encoder!r} has no stochastic depth "
+            "(timm's constructor takes no drop_path_rate); set it to 0"
+        )
 
     optim = settings.optim
     _check(optim.steps > 0, f"{prefix}.optim.steps must be > 0, got {optim.steps}")

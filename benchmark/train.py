@@ -186,11 +186,13 @@ def build_optimizer(method, settings) -> torch.optim.Optimizer:
 
 
 def build_model(run: RunConfig) -> torch.nn.Module:
-    """The run's segmentor, its BatchNorm layers on ``model.batch_norm_momentum`` when set and its
-    encoder loaded from ``model.pretrained`` when set; a weights file that does not fit is a
-    ``ConfigError`` naming the key."""
+    """The run's segmentor, with ``model.drop_path_rate`` stochastic depth in its encoder, its
+    BatchNorm layers on ``model.batch_norm_momentum`` when set and its encoder loaded from
+    ``model.pretrained`` when set; a weights file that does not fit is a ``ConfigError`` naming the key."""
     model_config = run.settings.model
-    model = build_segmentor(model_config.encoder, model_config.head, NUM_CLASSES, model_config.embed_dim)
+    # passed only when set: encoders without stochastic depth take no such argument
+    encoder_kwargs = {"drop_path_rate": model_config.drop_path_rate} if model_config.drop_path_rate > 0 else {}
+    model = build_segmentor(model_config.encoder, model_config.head, NUM_CLASSES, model_config.embed_dim, **encoder_kwargs)
     if model_config.batch_norm_momentum is not None:
         for module in model.modules():
             if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):

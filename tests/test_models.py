@@ -2,26 +2,32 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import timm
 import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from benchmark.classes import NUM_CLASSES as CITYSCAPES_CLASSES
+from benchmark.config import ConfigError, load_yaml
 from benchmark.models import (
     HEADS,
-    PROFILES,
     DAFormerHead,
     DilatedDepthwiseConv2d,
     SegFormerHead,
-    build_from_profile,
     build_segmentor,
+    encoder_takes_drop_path,
     load_encoder_weights,
     register_head,
 )
+from benchmark.profiles import resolve
+from benchmark.train import build_model
 
+PARAMS = load_yaml(Path(__file__).resolve().parents[1] / "params.yaml")
 NUM_CLASSES = 5
-ENCODERS = sorted({PROFILES["embedded"].encoder, "resnet18", "efficientvit_b0", "pvt_v2_b0"})
+ENCODERS = sorted({PARAMS["profiles"]["embedded"]["model"]["encoder"], "resnet18", "efficientvit_b0", "pvt_v2_b0"})
 
 
 @pytest.mark.parametrize("head", sorted(HEADS))
@@ -187,25 +193,44 @@ def test_weights_of_another_variant_are_refused(tmp_path):
 
 
 def test_embedded_profile_builds_and_runs_at_its_crop_size():
-    profile = PROFILES["embedded"]
-    model = build_from_profile("embedded", num_classes=19).eval()
-    height, width = profile.crop_size
+    # built as a training run builds it: params.yaml's embedded profile on the mini benchmark's crop
+    run = resolve(PARAMS, "mini-gta2cs", "daformer", 0, profile="embedded")
+    model = build_model(run).eval()
+    height, width = run.data.crop
     with torch.no_grad():
-        assert model(torch.randn(1, 3, height, width)).shape == (1, 19, height // 4, width // 4)
-    assert model.head.embed_dim == profile.embed_dim
+        logits = model(torch.randn(1, 3, height, width))
+    assert logits.shape == (1, CITYSCAPES_CLASSES, height // 4, width // 4)
+    assert model.head.embed_dim == run.settings.model.embed_dim
+    assert not any(type(module).__name__ == "DropPath" for module in model.modules())
 
 
-def test_paper_profile_is_mit_b5_scale_on_the_meta_device():
+def test_paper_profile_is_mit_b5_with_its_stochastic_depth_on_the_meta_device():
     # pvt_v2_b5 has ~82M parameters; on the meta device it is built and run for shapes only, in ~1 s.
-    profile = PROFILES["paper"]
-    settings = (profile.encoder, profile.head, profile.embed_dim, profile.crop_size)
-    assert settings == ("pvt_v2_b5", "daformer", 256, (512, 512))
+    run = resolve(PARAMS, "gta2cs", "daformer", 0, profile="paper", overrides=["model.pretrained=null"])
+    model_config = run.settings.model
+    assert (model_config.encoder, model_config.head, model_config.embed_dim, run.data.crop) == (
+        "pvt_v2_b5", "daformer", 256, (512, 512)
+    )
     with torch.device("meta"):
-        model = build_from_profile("paper", num_classes=19)
-        logits = model(torch.empty(2, 3, *profile.crop_size))
-    assert logits.shape == (2, 19, 128, 128)
+        model = build_model(run)
+        logits = model(torch.empty(2, 3, *run.data.crop))
+    assert logits.shape == (2, CITYSCAPES_CLASSES, 128, 128)
     assert model.channels == [64, 128, 320, 512] and model.reductions == [4, 8, 16, 32]
     encoder_params = sum(p.numel() for p in model.encoder.parameters())
     assert 80e6 < encoder_params < 83e6
     assert isinstance(model.head, DAFormerHead) and model.head.embed_dim == 256
-    assert max(block.drop_path1.drop_prob for block in model.encoder.stages_3.blocks) == pytest.approx(0.1)
+    # MiT-B5's stochastic depth (SegFormer, DAFormer): 0 at the first block rising to 0.1 at the last
+    drop = [block.drop_path1.drop_prob if hasattr(block.drop_path1, "drop_prob") else 0.0
+            for stage in (model.encoder.stages_0, model.encoder.stages_3) for block in stage.blocks]
+    assert drop[0] == 0.0 and drop[-1] == pytest.approx(0.1)
+
+
+def test_drop_path_rate_is_checked_against_the_encoder():
+    assert encoder_takes_drop_path("pvt_v2_b0") and not encoder_takes_drop_path("efficientvit_b0")
+    with pytest.raises(ConfigError, match=r"profiles\.embedded\.model\.drop_path_rate: the encoder 'efficientvit_b0'"):
+        resolve(PARAMS, "mini-gta2cs", "daformer", 0, overrides=["model.drop_path_rate=0.1"])
+    with pytest.raises(ConfigError, match=r"model\.drop_path_rate must be in \[0, 1\), got 1\.5"):
+        resolve(PARAMS, "mini-gta2cs", "daformer", 0, overrides=["model.drop_path_rate=1.5"])
+    run = resolve(PARAMS, "mini-gta2cs", "daformer", 0, overrides=["model.encoder=pvt_v2_b0", "model.drop_path_rate=0.2"])
+    blocks = build_model(run).encoder.stages_3.blocks
+    assert blocks[-1].drop_path1.drop_prob == pytest.approx(0.2)
