@@ -122,27 +122,28 @@ class EMATeacher(nn.Module):
 
 
 @contextlib.contextmanager
-def batch_norm_per_part(module: nn.Module, parts: int) -> Iterator[None]:
+def batch_norm_per_part(module: nn.Module, parts: int | Sequence[int]) -> Iterator[None]:
     """Within this context every BatchNorm layer of ``module`` that normalises with batch statistics
-    (training mode, or no running statistics) treats each of ``parts`` equal consecutive parts of its
-    batch as a batch of its own: it normalises the part with the part's statistics and, in training
-    mode, moves its running statistics once per part, in order. A forward pass over
-    ``torch.cat([x_1, ..., x_parts])`` then computes, up to float rounding, what ``parts`` passes over
-    x_1, ..., x_parts compute, running statistics and their gradients included, with one pass's
-    per-operation overhead. Layers on running statistics are left alone: their output for an image
-    does not depend on the rest of the batch.
+    (training mode, or no running statistics) treats each of ``parts`` consecutive parts of its batch
+    as a batch of its own: it normalises the part with the part's statistics and, in training mode,
+    moves its running statistics once per part, in order. ``parts`` is a number of equal parts or the
+    parts' sizes. A forward pass over ``torch.cat([x_1, ..., x_P])`` then computes, up to float
+    rounding, what P passes over x_1, ..., x_P compute, running statistics and their gradients
+    included, with one pass's per-operation overhead. Layers on running statistics are left alone:
+    their output for an image does not depend on the rest of the batch.
 
-    x: (parts * B, C, ...) -> per part p: (x_p - mean(x_p)) / sqrt(var(x_p) + eps) * weight + bias."""
+    x: (sum of the sizes, C, ...) -> per part p: (x_p - mean(x_p)) / sqrt(var(x_p) + eps) * weight + bias."""
     layers = [
         m
         for m in module.modules()
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and (m.training or m.running_mean is None)
     ]
-    if parts == 1 or not layers:
+    if (parts == 1 if isinstance(parts, int) else len(parts) == 1) or not layers:
         yield
         return
+    sizes = parts if isinstance(parts, int) else tuple(parts)
     for layer in layers:
-        layer.forward = functools.partial(_batch_norm_per_part, layer, parts)
+        layer.forward = functools.partial(_batch_norm_per_part, layer, sizes)
     try:
         yield
     finally:
@@ -150,11 +151,17 @@ def batch_norm_per_part(module: nn.Module, parts: int) -> Iterator[None]:
             del layer.forward  # back to the class's forward
 
 
-def _batch_norm_per_part(layer: nn.modules.batchnorm._BatchNorm, parts: int, x: Tensor) -> Tensor:
-    if x.shape[0] % parts:
-        raise ValueError(f"a batch of {x.shape[0]} does not split into {parts} equal parts")
+def _batch_norm_per_part(layer: nn.modules.batchnorm._BatchNorm, parts: int | tuple[int, ...], x: Tensor) -> Tensor:
+    if isinstance(parts, int):
+        if x.shape[0] % parts:
+            raise ValueError(f"a batch of {x.shape[0]} does not split into {parts} equal parts")
+        pieces = x.chunk(parts)
+    else:
+        if x.shape[0] != sum(parts):
+            raise ValueError(f"a batch of {x.shape[0]} does not split into parts of {list(parts)}")
+        pieces = x.split(parts)
     # the class's own forward on each part: what separate passes run, momentum and counters included
-    return torch.cat([type(layer).forward(layer, part) for part in x.chunk(parts)])
+    return torch.cat([type(layer).forward(layer, part) for part in pieces])
 
 
 def head_per_part(head: nn.Module, parts: Sequence[Sequence[Tensor]]) -> list[Tensor]:

@@ -28,14 +28,19 @@ add-ons reuse it instead of computing it again:
     mixed_batch(...)                ClassMix + strong augmentation (context.mixed_images/_labels/_weights)
     student_inputs(context)         the batches the student predicts, by name: "source", "mix" and an
                                     add-on's own (MIC's masked target, "mic_masked")
+    student_feature_inputs(context) the batches of which an add-on needs only ``student_features``,
+                                    by name (PiPa's patch crops, "pipa_crops"); {} here
     joint_student_pass(context)     the student's predictions of all of them in one pass
-                                    (context.predictions), where ``joins_student_passes``
+                                    (context.predictions), and the features of each feature input of
+                                    the same image size in that pass too (context.joint_features),
+                                    where ``joins_student_passes``
     source_losses(context)          student on the source batch (context.source_logits/_features)
     mixed_losses(context)           student on the mixed batch (context.mixed_logits/_features)
     addon_losses(context)           {} here; each add-on adds its terms and calls super()
 
 Where the passes are not joined (batches of different sizes, or a subclass that changes how the
-student predicts without a joint pass of its own), each loss hook runs its own pass.
+student predicts without a joint pass of its own), each loss hook runs its own pass, and an add-on
+runs ``student_features`` on a feature input that the joint pass did not cover.
 
 All student forward passes go through ``forward_train`` (logits and encoder features for the whole
 input crop) or ``student_features``, every supervised loss through ``supervised_losses``, and teacher
@@ -129,11 +134,18 @@ class StepContext:
     #: together, as its ``supervised_losses`` takes it (``prediction=``): here ``forward_train``'s
     #: (logits, features); the loss hooks read them instead of running a pass.
     predictions: dict[str, tuple] = field(default_factory=dict)
+    #: The batches of which add-ons need only the student's encoder features (``student_feature_inputs``).
+    feature_inputs: dict[str, Tensor] = field(default_factory=dict)
+    #: ``student_features`` of those of ``feature_inputs`` that the joint pass covered, by name.
+    joint_features: dict[str, list[Tensor]] = field(default_factory=dict)
+    #: What an add-on's hooks compute for its later hooks in the same step, under keys named
+    #: ``<add-on>_...`` (PiPa's crop geometry).
+    addon_state: dict[str, object] = field(default_factory=dict)
 
 
 #: The hooks whose results a joint pass stands in for: a class joins its student passes only where the
 #: class that defines ``joint_student_pass`` defines, or derives from the definer of, each of them.
-PREDICTION_HOOKS = ("forward_train", "supervised_losses", "source_losses", "mixed_losses")
+PREDICTION_HOOKS = ("forward_train", "student_features", "supervised_losses", "source_losses", "mixed_losses")
 
 
 def _defined_by(cls: type, name: str) -> type:
@@ -246,6 +258,14 @@ class DAFormer(Method):
         adds its own through super(), so that it joins the pass. Images (B, 3, H, W)."""
         return {"source": context.source.image, "mix": context.mixed_images}
 
+    def student_feature_inputs(self, context: StepContext) -> dict[str, Tensor]:
+        """The batches of which an add-on needs only ``student_features`` this step, by name: none
+        here; an add-on adds its own through super(). Those with the size of the student inputs join
+        the joint pass (``joint_student_pass``), which skips the decode head on them and leaves their
+        features in ``context.joint_features``; the add-on runs ``student_features`` on the others.
+        Images (B', 3, H', W'), any B'."""
+        return {}
+
     def joins_student_passes(self, context: StepContext) -> bool:
         """Whether ``joint_student_pass`` serves this step: it is defined by the class that defines
         the student's predictions and losses (``PREDICTION_HOOKS``; a subclass that predicts
@@ -259,21 +279,35 @@ class DAFormer(Method):
         return len(shapes) == 1
 
     def joint_student_pass(self, context: StepContext) -> None:
-        """The student's ``forward_train`` of every student input in one pass over their
-        concatenation, every BatchNorm layer normalising (and moving its running statistics by) each
-        input on its own (``batch_norm_per_part``): the predictions, losses and gradients of one pass
-        per input up to float rounding, at one pass's per-operation overhead, which on the embedded
-        encoder is most of its cost (forward and backward over two 64x64 crops 29.6 ms, over four
-        30.7 ms). Dropout draws its masks in one call instead of one per input. Fills
-        ``context.predictions``.
+        """The student's ``forward_train`` of every student input and its ``student_features`` of every
+        feature input of the same image size (``student_feature_inputs``) in one encoder pass over
+        their concatenation, the decode head on the student inputs' part only; every BatchNorm layer
+        normalises (and moves its running statistics by) each input on its own
+        (``batch_norm_per_part``). The predictions, features, losses and gradients of one pass per
+        input up to float rounding, at one pass's per-operation overhead, which on the embedded
+        encoder is most of its cost (forward and backward over four 64x64 crops 12.5 ms, over eight
+        18.5 ms). Dropout draws its masks in one call instead of one per input. Fills
+        ``context.predictions`` and ``context.joint_features``.
 
-        student_inputs: P batches (B, 3, H, W) -> per input logits (B, C, h, w) and features."""
+        student_inputs: P batches (B, 3, H, W); feature inputs: (B', 3, H, W) -> per student input
+        logits (B, C, h, w) and features, per feature input its features."""
         inputs = context.student_inputs
-        parts = len(inputs)
-        with batch_norm_per_part(self.model, parts):
-            logits, features = self.forward_train(torch.cat(list(inputs.values())))
-        for name, part_logits, *part_features in zip(inputs, logits.chunk(parts), *(f.chunk(parts) for f in features)):
-            context.predictions[name] = (part_logits, part_features)
+        size = next(iter(inputs.values())).shape[1:]
+        extra = {name: images for name, images in context.feature_inputs.items() if images.shape[1:] == size}
+        batches = [*inputs.values(), *extra.values()]
+        with batch_norm_per_part(self.model, [len(images) for images in batches]):
+            features = self.model.forward_features(torch.cat(batches))
+        predicted = sum(len(images) for images in inputs.values())
+        with batch_norm_per_part(self.model.head, [len(images) for images in inputs.values()]):
+            logits = self.model.head([level[:predicted] for level in features])
+        start = 0
+        for name, images in [*inputs.items(), *extra.items()]:
+            part = [level[start : start + len(images)] for level in features]
+            if name in inputs:
+                context.predictions[name] = (logits[start : start + len(images)], part)
+            else:
+                context.joint_features[name] = part
+            start += len(images)
 
     def source_losses(self, context: StepContext) -> dict[str, Tensor]:
         source = context.source
@@ -357,6 +391,7 @@ class DAFormer(Method):
             source, target, context.pseudo_labels, context.pseudo_weights
         )
         context.student_inputs = self.student_inputs(context)
+        context.feature_inputs = self.student_feature_inputs(context)
         if self.joins_student_passes(context):
             self.joint_student_pass(context)
         losses = self.source_losses(context)

@@ -242,49 +242,68 @@ class HRDASegmentor(Segmentor):
 
     def _logits(self, images: Tensor) -> tuple[Tensor, list[Tensor]]:
         features = self.forward_features(images)
+        return self._head_logits(features, images.shape[-2:]), features
+
+    def _head_logits(self, features: list[Tensor], size: tuple[int, int]) -> Tensor:
+        """The decode head on the features of (h, w) = ``size`` inputs, its output grid checked."""
         logits = self.head(features)
-        expected = (images.shape[-2] // self.output_stride, images.shape[-1] // self.output_stride)
+        expected = (size[0] // self.output_stride, size[1] // self.output_stride)
         if tuple(logits.shape[-2:]) != expected:
             raise ValueError(
-                f"decode head gave a {tuple(logits.shape[-2:])} grid for a {tuple(images.shape[-2:])} input, "
+                f"decode head gave a {tuple(logits.shape[-2:])} grid for a {tuple(size)} input, "
                 f"expected {expected} (output stride {self.output_stride})"
             )
-        return logits, features
+        return logits
 
     # ---- training and inference --------------------------------------------------------------
 
     def forward_crops(self, images: Tensor, box: DetailBox) -> TrainingPrediction:
         """The training forward: context view of the whole crop, detail view of ``box``, attention masked
         outside the box. images: (B, 3, H, W)."""
-        return self.forward_crops_jointly([(images, box)])[0]
+        return self.forward_crops_jointly([(images, box)])[0][0]
 
-    def forward_crops_jointly(self, crops: Sequence[tuple[Tensor, DetailBox]]) -> list[TrainingPrediction]:
-        """``forward_crops`` of each (images, box) of ``crops``, in as few passes as their shapes allow:
-        where every context view and every detail crop has one shape (the default: both half the crop's
-        side), one encoder and decode-head pass over [context 1, detail 1, context 2, detail 2, ...]
-        and one attention-head pass over the contexts, each BatchNorm layer normalising every view on
-        its own (``batch_norm_per_part``), in the order separate passes take them; else a pass per
-        view. Equal to separate ``forward_crops`` up to float rounding, gradients and running
-        statistics included; the embedded encoder's cost is mostly per pass, not per image."""
+    def forward_crops_jointly(
+        self, crops: Sequence[tuple[Tensor, DetailBox]], feature_images: Sequence[Tensor] = ()
+    ) -> tuple[list[TrainingPrediction], list[list[Tensor]]]:
+        """``forward_crops`` of each (images, box) of ``crops`` and the encoder features of the context
+        view of each batch of ``feature_images`` (what ``HRDA.student_features`` gives), in as few
+        passes as their shapes allow: where every context view and every detail crop has one shape
+        (the default: both half the crop's side), one encoder pass over [context 1, detail 1,
+        context 2, detail 2, ..., feature contexts], the decode head on the crops' views only and one
+        attention-head pass over their contexts, each BatchNorm layer normalising every view on its
+        own (``batch_norm_per_part``), in the order separate passes take them; else a pass per view.
+        Equal to separate ``forward_crops`` and ``forward_features`` up to float rounding, gradients
+        and running statistics included; the embedded encoder's cost is mostly per pass, not per image.
+
+        Returns the predictions, one per crop, and the features, one list of levels per feature batch."""
         views = []
         for images, box in crops:
             self._check_crop(images)
             views += [self.context_view(images), box.crop(images)]
-        if len({tuple(view.shape) for view in views}) == 1:
-            with batch_norm_per_part(self, len(views)):
-                logits, features = self._logits(torch.cat(views))
-            chunks = zip(logits.chunk(len(views)), *(level.chunk(len(views)) for level in features))
-            passes = [(view_logits, list(view_features)) for view_logits, *view_features in chunks]
+        feature_views = [self.context_view(images) for images in feature_images]
+        joint = len({tuple(view.shape) for view in views}) == 1
+        joined = feature_views if joint and all(v.shape[1:] == views[0].shape[1:] for v in feature_views) else []
+        if joint:
+            sizes = [len(view) for view in views + joined]
+            with batch_norm_per_part(self, sizes):
+                features = self.forward_features(torch.cat(views + joined))
+            predicted = sum(sizes[: len(views)])
+            with batch_norm_per_part(self.head, len(views)):
+                logits = self._head_logits([level[:predicted] for level in features], views[0].shape[-2:])
+            parts = [list(chunk) for chunk in zip(*(level.split(sizes) for level in features))]
+            passes = list(zip(logits.chunk(len(views)), parts))
         else:
             passes = [self._logits(view) for view in views]
+        extracted = parts[len(views) :] if joined else [self.forward_features(view) for view in feature_views]
         contexts, details = passes[0::2], passes[1::2]
         attentions = head_per_part(self.attention, [features for _, features in contexts])
-        return [
+        predictions = [
             self._training_prediction(images, box, context_logits, context_features, torch.sigmoid(attention), detail_logits)
             for (images, box), (context_logits, context_features), attention, (detail_logits, _) in zip(
                 crops, contexts, attentions, details
             )
         ]
+        return predictions, extracted
 
     def _training_prediction(
         self,
@@ -416,10 +435,15 @@ class HRDA(DAFormer):
         """Every student input's multi-resolution prediction in one encoder pass over all their views
         (``HRDASegmentor.forward_crops_jointly``), one detail box drawn per input in input order, as
         separate ``forward_train`` calls draw them. Fills ``context.predictions`` with (fused logits,
-        context features, ``DetailPrediction``), what ``supervised_losses`` takes as ``prediction``."""
+        context features, ``DetailPrediction``), what ``supervised_losses`` takes as ``prediction``, and
+        ``context.joint_features`` with the ``student_features`` of the feature inputs of the student
+        inputs' size, computed in the same pass."""
         inputs = context.student_inputs
         crops = [(images, self.detail_box(images)) for images in inputs.values()]
-        predictions = self.model.forward_crops_jointly(crops)
+        size = next(iter(inputs.values())).shape[1:]
+        extra = {name: images for name, images in context.feature_inputs.items() if images.shape[1:] == size}
+        predictions, features = self.model.forward_crops_jointly(crops, list(extra.values()))
+        context.joint_features.update(zip(extra, features))
         for name, (_, box), prediction in zip(inputs, crops, predictions):
             context.predictions[name] = (
                 prediction.fused,

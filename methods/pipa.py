@@ -20,6 +20,16 @@ L2-normalised projections of the concatenated multi-level encoder features (``Pr
   training crops: on HRDA the context view (half resolution), whose features the pixel term and the
   base's own losses read too, on cells of the base's ``feature_stride``.
 
+  Each crop covers ``pipa_crop_fraction`` of the target crop's side and is resized to the training
+  crop's size (``pipa_crop_upscale``): the image scaled by 1 / fraction, then two windows of the
+  training size, as the released code's pair loader cuts crops of the training size from a randomly
+  scaled image. Crops of the training size join the base's student pass (``student_feature_inputs``),
+  whose cost on the embedded encoder is mostly per pass, not per image. The contrast compares cells
+  of ``pipa_patch_stride`` crop pixels (8: the released code average-pools its stride-4 output by 2
+  before the projection), the features average-pooled to that grid where they are finer; the crops
+  lie on a grid of fraction x that stride target pixels, so that a location in the overlap falls on
+  one cell of each crop.
+
 ``pipa_as_released`` switches the patch term to the authors' released code: computed on the frozen
 EMA teacher's features, so its gradient trains only the projection head and never the segmentation
 network (a known defect). The released code also applies the pixel term to source cells only
@@ -62,10 +72,15 @@ class PiPaParams:
     pipa_patch: bool = True
     pipa_patch_weight: float = 0.1
     pipa_as_released: bool = False
-    #: Patch crops: their side as a fraction of the target crop (> 0.5, so the two overlap), each
-    #: colour-augmented on its own (the base's jitter and blur) so that the two views differ.
+    #: Patch crops: their side as a fraction of the target crop (> 0.5, so the two overlap), resized to
+    #: the training crop's size (false: kept at the image's resolution, in a student pass of their
+    #: own), each colour-augmented on its own (the base's jitter and blur) so that the two views differ.
     pipa_crop_fraction: float = 0.75
+    pipa_crop_upscale: bool = True
     pipa_patch_augment: bool = True
+    #: Crop pixels per cell of the patch contrast (a multiple of the base's ``feature_stride``; finer
+    #: features are average-pooled to it); null: the base's ``feature_stride``.
+    pipa_patch_stride: int | None = 8
     #: Pixel anchors: at most this many per step, and this many per image and class.
     pipa_max_anchors: int = 1024
     pipa_views_per_class: int = 100
@@ -81,6 +96,8 @@ class PiPaParams:
             raise ValueError(f"pipa_crop_fraction must be in (0.5, 1], got {self.pipa_crop_fraction}")
         if self.pipa_temperature <= 0:
             raise ValueError(f"pipa_temperature must be > 0, got {self.pipa_temperature}")
+        if self.pipa_patch_stride is not None and self.pipa_patch_stride < 1:
+            raise ValueError(f"pipa_patch_stride must be >= 1 or null, got {self.pipa_patch_stride}")
 
 
 def hard_easy_anchors(
@@ -123,38 +140,70 @@ def hard_easy_anchors(
     return cells[torch.cat(chosen).to(cells.device)]
 
 
-def overlapping_crops(height: int, width: int, fraction: float, stride: int, batch: int, generator: torch.Generator):
-    """Two crops per image, each ``fraction`` of the side (a multiple of ``stride``), at offsets that
-    are multiples of ``stride`` so that overlapping locations fall on the same feature cells.
+def crop_grid(height: int, width: int, fraction: float, stride: int, upscale: bool) -> tuple[tuple[int, int], int]:
+    """The side of the two crops of an (height, width) image, in image pixels, and the image pixels
+    per feature cell side of a crop, so that offsets that are multiples of the cell put one image
+    location on one cell of each crop.
 
-    Returns the crop size (h, w) and the top-left corners (B, 2, 2) as [image, crop, (y, x)]."""
-    size = [max(stride, int(fraction * side) // stride * stride) for side in (height, width)]
-    corners = torch.stack(
+    Kept at the image's resolution the crops' cells are ``stride`` pixels and the side is ``fraction``
+    of the image's floored to that grid. Resized to (height, width) (``upscale``) a crop has the
+    image's (height / stride, width / stride) cells, each round(fraction * stride) image pixels."""
+    if not upscale:
+        return tuple(max(stride, int(fraction * side) // stride * stride) for side in (height, width)), stride
+    if height % stride or width % stride:
+        raise ValueError(f"pipa: crops resized to {height}x{width} need sides that are multiples of the feature stride {stride}")
+    cell = round(fraction * stride)
+    if not 0.5 < cell / stride <= 1.0:
+        raise ValueError(
+            f"pipa_crop_fraction {fraction} gives crops of {cell}/{stride} of the image on a feature stride of "
+            f"{stride}, which need not overlap; use a fraction whose product with {stride} rounds above {stride / 2:g}"
+        )
+    return (cell * (height // stride), cell * (width // stride)), cell
+
+
+def overlapping_crops(height: int, width: int, size: tuple[int, int], cell: int, batch: int, generator: torch.Generator) -> Tensor:
+    """The top-left corners (B, 2, 2) as [image, crop, (y, x)] of two crops of ``size`` per image, at
+    offsets that are multiples of ``cell`` (``crop_grid``)."""
+    return torch.stack(
         [
-            torch.randint(0, (side - crop) // stride + 1, (batch, 2), generator=generator) * stride
+            torch.randint(0, (side - crop) // cell + 1, (batch, 2), generator=generator) * cell
             for side, crop in zip((height, width), size)
         ],
         dim=-1,
     )
-    return tuple(size), corners
 
 
-def overlap_pairs(corners: Tensor, size: tuple[int, int], stride: int) -> tuple[Tensor, Tensor]:
+def overlap_pairs(corners: Tensor, size: tuple[int, int], cell: int) -> tuple[Tensor, Tensor]:
     """Flattened feature-cell indices of the same image location in crop 1 and crop 2.
 
-    corners: (B, 2, 2) from ``overlapping_crops``; cells are indexed over the (2B, h, w) stack
-    [crop 1 of every image, crop 2 of every image] -> (K,), (K,) with cell a in crop 1 = cell b in crop 2."""
+    corners: (B, 2, 2) from ``overlapping_crops``; size: the crops' size in image pixels; cell: image
+    pixels per feature cell. Cells are indexed over the (2B, h, w) stack [crop 1 of every image, crop
+    2 of every image] -> (K,), (K,) with cell a in crop 1 = cell b in crop 2."""
     batch = corners.shape[0]
-    h, w = size[0] // stride, size[1] // stride
+    h, w = size[0] // cell, size[1] // cell
     first, second = [], []
     for b in range(batch):
-        shift = ((corners[b, 1] - corners[b, 0]) // stride).tolist()  # crop 2 relative to crop 1, in cells
+        shift = ((corners[b, 1] - corners[b, 0]) // cell).tolist()  # crop 2 relative to crop 1, in cells
         rows = torch.arange(max(0, shift[0]), min(h, h + shift[0]))
         cols = torch.arange(max(0, shift[1]), min(w, w + shift[1]))
         r, c = torch.meshgrid(rows, cols, indexing="ij")
         first.append(((b * h + r) * w + c).flatten())
         second.append((((batch + b) * h + r - shift[0]) * w + c - shift[1]).flatten())
     return torch.cat(first), torch.cat(second)
+
+
+@dataclass
+class PatchViews:
+    """The two crops of every target image of a step, as the network sees them, and where they lie.
+
+    images: (2B, 3, H', W'), crop 1 of every image then crop 2 (resized and augmented as set);
+    corners: (B, 2, 2) top-left corners in the image; size: the crops' size in image pixels; cell:
+    image pixels per feature cell side."""
+
+    images: Tensor
+    corners: Tensor
+    size: tuple[int, int]
+    cell: int
 
 
 def patch_contrast(embeddings: Tensor, labels: Tensor, first: Tensor, second: Tensor, temperature: float) -> Tensor:
@@ -193,6 +242,48 @@ class PiPa(AddOn):
         self.pipa_pixel_projection = ProjectionHead(self.model.channels, width) if p.pipa_pixel else None
         self.pipa_patch_projection = ProjectionHead(self.model.channels, width) if p.pipa_patch else None
 
+    def student_feature_inputs(self, context) -> dict[str, Tensor]:
+        """The base's plus the patch crops ("pipa_crops"), whose student features the patch term reads:
+        crops of the training size join the base's student pass."""
+        inputs = super().student_feature_inputs(context)
+        p = self.params
+        if p.pipa_patch and not p.pipa_as_released:
+            inputs["pipa_crops"] = self.pipa_patch_views(context).images
+        return inputs
+
+    @property
+    def pipa_patch_stride(self) -> int:
+        """Crop pixels per cell of the patch contrast (``pipa_patch_stride``, checked against the base)."""
+        stride, base = self.params.pipa_patch_stride, self.feature_stride
+        if stride is None:
+            return base
+        if stride % base:
+            raise ValueError(
+                f"pipa_patch_stride {stride} is not a multiple of the base's feature stride {base}; "
+                f"use a multiple of {base} or null"
+            )
+        return stride
+
+    def pipa_patch_views(self, context) -> PatchViews:
+        """The step's two overlapping crops of each target image (``PatchViews``), drawn once per step."""
+        views = context.addon_state.get("pipa_patch_views")
+        if views is not None:
+            return views
+        p = self.params
+        images = context.target.image
+        batch, _, height, width = images.shape
+        size, cell = crop_grid(height, width, p.pipa_crop_fraction, self.pipa_patch_stride, p.pipa_crop_upscale)
+        corners = overlapping_crops(height, width, size, cell, batch, self.generator)
+        crops = torch.stack(
+            [images[b, :, y : y + size[0], x : x + size[1]] for k in range(2) for b, (y, x) in enumerate(corners[:, k].tolist())]
+        )
+        if p.pipa_crop_upscale and size != (height, width):
+            crops = F.interpolate(crops, size=(height, width), mode="bilinear", align_corners=False)
+        if p.pipa_patch_augment:
+            crops = self.augment(crops)
+        views = context.addon_state["pipa_patch_views"] = PatchViews(crops, corners, size, cell)
+        return views
+
     def addon_losses(self, context) -> dict[str, Tensor]:
         losses = super().addon_losses(context)
         p = self.params
@@ -230,34 +321,38 @@ class PiPa(AddOn):
         return contrastive_loss(rows, rows, positives, ~same, p.pipa_temperature)
 
     def pipa_patch_loss(self, context) -> Tensor:
-        """Patch contrast between two overlapping crops of each target image, pseudo-labelled by the
-        teacher's labels of the whole image (cells of weight 0 unlabelled)."""
+        """Patch contrast between two overlapping crops of each target image (``pipa_patch_views``),
+        pseudo-labelled by the teacher's labels of the whole image (cells of weight 0 unlabelled)."""
         p = self.params
-        images = context.target.image
-        batch, _, height, width = images.shape
-        stride = self.feature_stride
-        size, corners = overlapping_crops(height, width, p.pipa_crop_fraction, stride, batch, self.generator)
-        crops, crop_labels = [], []
-        pseudo = labels_where_weighted(context.pseudo_labels, context.pseudo_weights)
-        for k in range(2):
-            for b in range(batch):
-                y, x = corners[b, k].tolist()
-                crops.append(images[b, :, y : y + size[0], x : x + size[1]])
-                crop_labels.append(pseudo[b, y : y + size[0], x : x + size[1]])
-        crops = torch.stack(crops)
-        if p.pipa_patch_augment:
-            crops = self.augment(crops)
+        views = self.pipa_patch_views(context)
         if p.pipa_as_released:
-            features = self.teacher_features(crops)
+            features = self.teacher_features(views.images)
         else:
-            features = self.student_features(crops)
-        embeddings = self.pipa_patch_projection(features)
-        cells = (size[0] // stride, size[1] // stride)
-        if tuple(embeddings.shape[-2:]) != cells:
+            features = context.joint_features.get("pipa_crops")  # computed in the base's joint pass
+            if features is None:
+                features = self.student_features(views.images)
+        cells = (views.size[0] // views.cell, views.size[1] // views.cell)
+        expected = tuple(side // self.feature_stride for side in views.images.shape[-2:])
+        if tuple(features[0].shape[-2:]) != expected:
             raise RuntimeError(
-                f"pipa: crops of {size} gave a {tuple(embeddings.shape[-2:])} feature grid, expected {cells} "
-                f"(feature stride {stride}); the base's student_features must give cells of its feature_stride"
+                f"pipa: crops of {tuple(views.images.shape[-2:])} gave a {tuple(features[0].shape[-2:])} feature grid, "
+                f"expected {expected} (feature stride {self.feature_stride}); the base's student_features must give "
+                "cells of its feature_stride"
             )
-        labels = majority_labels(torch.stack(crop_labels), cells, NUM_CLASSES, p.pipa_label_min_ratio)
-        first, second = overlap_pairs(corners, size, stride)
+        # the contrast's grid: levels finer than it are averaged over its cells
+        pooled = [
+            F.adaptive_avg_pool2d(level, cells) if level.shape[-2] > cells[0] or level.shape[-1] > cells[1] else level
+            for level in features
+        ]
+        embeddings = self.pipa_patch_projection(pooled)
+        pseudo = labels_where_weighted(context.pseudo_labels, context.pseudo_weights)
+        crop_labels = torch.stack(
+            [
+                pseudo[b, y : y + views.size[0], x : x + views.size[1]]
+                for k in range(2)
+                for b, (y, x) in enumerate(views.corners[:, k].tolist())
+            ]
+        )
+        labels = majority_labels(crop_labels, cells, NUM_CLASSES, p.pipa_label_min_ratio)
+        first, second = overlap_pairs(views.corners, views.size, views.cell)
         return patch_contrast(embeddings, labels, first, second, p.pipa_temperature)

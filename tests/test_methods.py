@@ -322,6 +322,17 @@ def test_batch_norm_per_part_equals_separate_passes_with_running_statistics_and_
     with pytest.raises(ValueError, match="does not split into 3"):
         with batch_norm_per_part(split, 3):
             split(torch.cat([first, second]))
+    # parts of other sizes: the same as a pass over each
+    uneven, reference = copy.deepcopy(net), copy.deepcopy(net)
+    parts = [first[:1], torch.cat([second, first[1:]])]
+    expected = torch.cat([reference(part) for part in parts])
+    with batch_norm_per_part(uneven, [1, 3]):
+        assert torch.allclose(uneven(torch.cat(parts)), expected, atol=1e-5)
+    for a, b in zip(reference.buffers(), uneven.buffers()):
+        assert torch.allclose(a.float(), b.float(), atol=1e-6)
+    with pytest.raises(ValueError, match=r"does not split into parts of \[1, 2\]"):
+        with batch_norm_per_part(uneven, [1, 2]):
+            uneven(torch.cat(parts))
     split.eval()  # on running statistics: nothing is split, nothing patched
     with batch_norm_per_part(split, 2):
         assert "forward" not in vars(split[1])
@@ -342,20 +353,25 @@ def test_the_joint_student_pass_gives_what_separate_passes_give(name):
         return
     joint, separate = (_without_dropout(cls(_tiny_model(), seed=0)) for _ in range(2))
     source, target = _batch(0), _batch(100, with_label=cls.uses_target_labels)
-    joined, inputs, passes = [], [], []
+    joined, inputs, feature_inputs, passes = [], [], [], []
     decide, collect, encode = joint.joins_student_passes, joint.student_inputs, joint.model.forward_features
+    collect_features = joint.student_feature_inputs
     joint.joins_student_passes = lambda context: joined.append(decide(context)) or joined[-1]
     joint.student_inputs = lambda context: inputs.append(collect(context)) or inputs[-1]
+    joint.student_feature_inputs = lambda context: feature_inputs.append(collect_features(context)) or feature_inputs[-1]
     joint.model.forward_features = lambda x: passes.append(len(x)) or encode(x)
     separate.joins_student_passes = lambda context: False
     first = joint.step(source, target, 0)
     del joint.model.forward_features
     second = separate.step(source, target, 0)
     # every self-training method joins; one student pass covers every input (HRDA: both views of each)
+    # and every feature input (PiPa's patch crops: the training crop's size, one view)
     assert joined == [True], name
     assert len(inputs[0]) >= 2 + name.endswith("+mic")
+    assert ("pipa_crops" in feature_inputs[0]) == ("+pipa" in name)
     images = sum(len(batch) for batch in inputs[0].values())
-    assert max(passes) == images * (2 if name.startswith("hrda") else 1), passes
+    features_only = sum(len(batch) for batch in feature_inputs[0].values())
+    assert max(passes) == images * (2 if name.startswith("hrda") else 1) + features_only, passes
     assert list(first) == list(second)
     for key in first:
         assert first[key].item() == pytest.approx(second[key].item(), rel=1e-4, abs=1e-6), key

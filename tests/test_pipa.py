@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from methods.base import Batch, method_class
 from methods.daformer import StepContext
-from methods.pipa import hard_easy_anchors, overlap_pairs, overlapping_crops, patch_contrast
+from methods.pipa import crop_grid, hard_easy_anchors, overlap_pairs, overlapping_crops, patch_contrast
 
 from conftest import tiny_model, two_class_batch
 
@@ -31,29 +31,38 @@ def test_hard_easy_anchors_split_each_class_half_and_half_and_fill_in():
     assert len(hard_easy_anchors(torch.full((1, 5), 255), predictions[:, :5], 10, 10, torch.Generator())) == 0
 
 
-def test_overlap_pairs_point_at_the_same_image_location():
+@pytest.mark.parametrize("upscale, expected_size, expected_cell", [(False, (24, 36), 4), (True, (24, 36), 3)])
+def test_overlap_pairs_point_at_the_same_image_location(upscale, expected_size, expected_cell):
     stride, height, width = 4, 32, 48
-    size, corners = overlapping_crops(height, width, 0.75, stride, batch=3, generator=torch.Generator().manual_seed(3))
-    assert size == (24, 36) and (corners % stride == 0).all()
+    size, cell = crop_grid(height, width, 0.75, stride, upscale)
+    assert (size, cell) == (expected_size, expected_cell)
+    # resized to the image's size, a crop has the image's grid: 8 x 12 cells of 3 pixels
+    assert not upscale or (size[0] // cell, size[1] // cell) == (height // stride, width // stride)
+    corners = overlapping_crops(height, width, size, cell, batch=3, generator=torch.Generator().manual_seed(3))
+    assert (corners % cell == 0).all()
     assert (corners[..., 0] <= height - size[0]).all() and (corners[..., 1] <= width - size[1]).all()
     # every pixel holds its own coordinates; a feature cell is read at its top-left pixel
     ys, xs = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
     where = torch.stack([ys, xs])
     cells = torch.stack(
-        [
-            where[:, y : y + size[0] : stride, x : x + size[1] : stride]
-            for k in range(2)
-            for y, x in corners[:, k].tolist()
-        ]
+        [where[:, y : y + size[0] : cell, x : x + size[1] : cell] for k in range(2) for y, x in corners[:, k].tolist()]
     )  # (2B, 2, h, w), crops 1 of every image then crops 2
     flat = cells.permute(0, 2, 3, 1).reshape(-1, 2)
-    first, second = overlap_pairs(corners, size, stride)
+    first, second = overlap_pairs(corners, size, cell)
     assert torch.equal(flat[first], flat[second])
     expected = sum(
-        (size[0] // stride - abs(int(c[1, 0] - c[0, 0])) // stride) * (size[1] // stride - abs(int(c[1, 1] - c[0, 1])) // stride)
+        (size[0] // cell - abs(int(c[1, 0] - c[0, 0])) // cell) * (size[1] // cell - abs(int(c[1, 1] - c[0, 1])) // cell)
         for c in corners
     )
     assert len(first) == expected > 0
+
+
+def test_crop_grid_rejects_a_fraction_whose_crops_need_not_overlap():
+    with pytest.raises(ValueError, match="pipa_crop_fraction 0.6 gives crops of 2/4"):
+        crop_grid(32, 32, 0.6, 4, upscale=True)
+    with pytest.raises(ValueError, match="multiples of the feature stride 8"):
+        crop_grid(36, 32, 0.75, 8, upscale=True)
+    assert crop_grid(32, 32, 0.6, 4, upscale=False) == ((16, 16), 4)
 
 
 def _antipodal(labels: torch.Tensor) -> torch.Tensor:
@@ -66,7 +75,7 @@ def test_patch_contrast_of_identical_crops_with_identical_features_is_minimal():
     labels = torch.zeros(2, 3, 3, dtype=torch.long)  # one image, two identical 3x3 crops
     labels[:, :, 2] = 1  # right column: class 1
     corners = torch.zeros(1, 2, 2, dtype=torch.long)
-    first, second = overlap_pairs(corners, (12, 12), stride=4)
+    first, second = overlap_pairs(corners, (12, 12), cell=4)
     assert len(first) == 9
     tau = 0.1
     identical = patch_contrast(_antipodal(labels), labels, first, second, tau)
@@ -88,7 +97,7 @@ def test_patch_contrast_by_hand():
     embeddings = torch.stack([torch.stack([e1, e2], dim=1), torch.stack([e2, -e1], dim=1)])[:, :, None, :]  # (2, 2, 1, 2)
     labels = torch.tensor([[[0, 1]], [[1, 0]]])
     corners = torch.tensor([[[0, 0], [0, 4]]])
-    first, second = overlap_pairs(corners, (4, 8), stride=4)
+    first, second = overlap_pairs(corners, (4, 8), cell=4)
     assert first.tolist() == [1] and second.tolist() == [2]
     # anchor b (crop 1, class 1): positive b' (s = 1), negatives a and c' (class 0): s = 0 and 0
     # anchor b' is the same in mirror: both losses are log(1 + 2 e^{-1})
@@ -116,6 +125,27 @@ def test_patch_term_gradient_reaches_the_encoder_by_default():
     assert any(flows[n] for n in flows if n.startswith("model.encoder."))
     assert all(flows[n] for n in flows if n.startswith("pipa_patch_projection.layers.3"))
     assert not any(flows[n] for n in flows if n.startswith(("teacher.", "pipa_pixel_projection.", "model.head.")))
+
+
+def test_patch_crops_have_the_training_size_and_a_grid_of_the_patch_stride():
+    method = method_class("daformer+pipa")(tiny_model(), seed=0)
+    method.train()
+    assert method.feature_stride == 4 and method.params.pipa_patch_stride == 8
+    context = _patch_context()
+    views = method.pipa_patch_views(context)
+    assert method.pipa_patch_views(context) is views  # drawn once per step
+    # 32x32 target: crops of 24x24 image pixels on a 6-pixel grid, resized to 32x32 (4 cells of 8)
+    assert tuple(views.images.shape) == (4, 3, 32, 32) and views.size == (24, 24) and views.cell == 6
+    assert (views.corners % 6 == 0).all()
+    assert torch.isfinite(method.pipa_patch_loss(context))
+    native = method_class("daformer+pipa")(tiny_model(), seed=0)
+    native.params.pipa_crop_upscale = False
+    views = native.pipa_patch_views(_patch_context())
+    assert tuple(views.images.shape) == (4, 3, 24, 24) and views.cell == 8
+    odd = method_class("daformer+pipa")(tiny_model(), seed=0)
+    odd.params.pipa_patch_stride = 6
+    with pytest.raises(ValueError, match="pipa_patch_stride 6 is not a multiple of the base's feature stride 4"):
+        odd.pipa_patch_views(_patch_context())
 
 
 def test_patch_term_as_released_trains_only_its_projection_head():
