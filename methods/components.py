@@ -410,10 +410,11 @@ class _PairedInfoNCE(torch.autograd.Function):
     def forward(ctx, anchors, candidates, rows, columns, pair_weights, negatives, temperature):
         similarity = (anchors @ candidates.T).mul_(1.0 / temperature)
         lowest = torch.finfo(similarity.dtype).min
+        outside = ~negatives
         # per-row shift by the largest negative keeps the exponentials finite; rows without negatives
         # get e^-inf = 0 terms and eta = -inf, so their pairs cost softplus(-inf) = 0
-        shift = similarity.masked_fill(~negatives, lowest).amax(dim=1, keepdim=True)
-        exponentials = (similarity - shift).exp_().masked_fill_(~negatives, 0.0)
+        shift = similarity.masked_fill(outside, lowest).amax(dim=1, keepdim=True)
+        exponentials = (similarity - shift).exp_().masked_fill_(outside, 0.0)
         totals = exponentials.sum(dim=1)
         negative_term = shift.squeeze(1) + totals.log()
         gaps = negative_term[rows] - similarity[rows, columns]
@@ -452,9 +453,20 @@ def contrastive_loss(
     anchors: (N, D); candidates: (M, D); positives, negatives: (N, M) bool masks.
     """
     rows, columns = positives.nonzero(as_tuple=True)
+    return paired_contrastive_loss(anchors, candidates, rows, columns, negatives, temperature)
+
+
+def paired_contrastive_loss(
+    anchors: Tensor, candidates: Tensor, rows: Tensor, columns: Tensor, negatives: Tensor, temperature: float
+) -> Tensor:
+    """``contrastive_loss`` with the positive pairs given as indices, (anchor rows[k], candidate
+    columns[k]) for each k, each pair once: what a caller that knows its pairs (PiPa's patch term, one
+    partner per anchor) passes instead of an (N, M) mask for this function to search.
+
+    anchors: (N, D); candidates: (M, D); rows, columns: (P,) int64; negatives: (N, M) bool."""
     if len(rows) == 0:
         return (anchors.sum() + candidates.sum()) * 0.0
-    per_anchor = positives.sum(dim=1)
+    per_anchor = torch.bincount(rows, minlength=len(anchors))
     # each pair's share of the mean: 1 / (|P_i| * #anchors with a positive)
     pair_weights = 1.0 / (per_anchor[rows] * (per_anchor > 0).sum()).to(anchors.dtype)
     return _PairedInfoNCE.apply(anchors, candidates, rows, columns, pair_weights, negatives, temperature)

@@ -50,6 +50,7 @@ from methods.base import AddOn, SearchRange, register_addon
 from methods.components import (
     ProjectionHead,
     contrastive_loss,
+    paired_contrastive_loss,
     head_per_part,
     labels_where_weighted,
     majority_labels,
@@ -106,38 +107,37 @@ def hard_easy_anchors(
     """Anchor cells for the pixel contrast, sampled per image and class (Wang et al., ICCV 2021,
     sec. 3.3, as PiPa uses it): v = min(max_anchors // #(image, class) pairs, views_per_class) cells
     of each pair, half hard (predicted as another class) and half easy (predicted right), the other
-    kind filling in where one runs short. Each group draws its cells with one ``randperm`` from
-    ``generator``, pairs in (image, class) order, hard before easy.
+    kind filling in where one runs short. The cells of each group are drawn in a random order from one
+    ``randperm`` of ``generator``; the result lists the pairs in (image, class) order, hard before easy.
 
     labels, predictions: (B, n) per-image cells (labels with the ignore index) -> (K,) indices into
     the flattened (B * n) cells.
     """
     flat = labels.reshape(-1)
-    cells = (flat != IGNORE_INDEX).nonzero().flatten()  # ascending flattened indices
+    cells = (flat != IGNORE_INDEX).nonzero().flatten()
     if len(cells) == 0:
         return torch.zeros(0, dtype=torch.long)
     classes = flat[cells]
     easy = (predictions.reshape(-1)[cells] == classes).long()
-    # one group per (image, class, hard/easy); a stable sort keeps each group's cells ascending
+    # one group per (image, class, hard/easy); shuffled, then stably sorted by group: each group's
+    # cells in random order
     key = ((cells // labels.shape[1]) * (IGNORE_INDEX + 1) + classes) * 2 + easy
-    key, order = torch.sort(key, stable=True)
-    cells = cells[order]
-    group_keys, group_sizes = torch.unique_consecutive(key, return_counts=True)
-    groups: dict[int, list[int]] = {}  # pair -> [hard size, hard start, easy size, easy start]
-    start = 0
-    for group, size in zip(group_keys.tolist(), group_sizes.tolist()):
-        pair = groups.setdefault(group // 2, [0, 0, 0, 0])
-        pair[2 * (group % 2)], pair[2 * (group % 2) + 1] = size, start
-        start += size
-    views = max(1, min(max_anchors // len(groups), views_per_class))
-    chosen = []
-    for hard_size, hard_start, easy_size, easy_start in groups.values():
-        n_hard = min(hard_size, views // 2)
-        n_easy = min(easy_size, views - n_hard)
-        n_hard = min(hard_size, views - n_easy)
-        for size, first, n in ((hard_size, hard_start, n_hard), (easy_size, easy_start, n_easy)):
-            chosen.append(first + torch.randperm(size, generator=generator)[:n])
-    return cells[torch.cat(chosen).to(cells.device)]
+    shuffle = torch.randperm(len(cells), generator=generator).to(cells.device)
+    order = shuffle[torch.sort(key[shuffle], stable=True).indices]
+    group_keys, group_of, group_sizes = torch.unique_consecutive(key[order], return_inverse=True, return_counts=True)
+    pair_of_group = torch.unique_consecutive(group_keys // 2, return_inverse=True)[1]
+    pairs = int(pair_of_group[-1]) + 1
+    hard_group = group_keys % 2 == 0
+    sizes = torch.zeros(pairs, 2, dtype=torch.long, device=cells.device)  # [hard, easy] cells per pair
+    sizes[pair_of_group, (~hard_group).long()] = group_sizes
+    views = max(1, min(max_anchors // pairs, views_per_class))
+    hard = torch.clamp(sizes[:, 0], max=views // 2)
+    easy_taken = torch.minimum(sizes[:, 1], views - hard)
+    hard = torch.minimum(sizes[:, 0], views - easy_taken)
+    quota = torch.where(hard_group, hard[pair_of_group], easy_taken[pair_of_group])
+    starts = torch.cumsum(group_sizes, 0) - group_sizes
+    rank = torch.arange(len(cells), device=cells.device) - starts[group_of]
+    return cells[order[rank < quota[group_of]]]
 
 
 def crop_grid(height: int, width: int, fraction: float, stride: int, upscale: bool) -> tuple[tuple[int, int], int]:
@@ -217,13 +217,13 @@ def patch_contrast(embeddings: Tensor, labels: Tensor, first: Tensor, second: Te
     labels = labels.reshape(-1)
     anchors = torch.cat([first, second])
     partners = torch.cat([second, first])
+    # anchors without a pseudo-label are left out
+    labelled = labels[anchors] != IGNORE_INDEX
+    anchors, partners = anchors[labelled], partners[labelled]
     anchor_labels = labels[anchors]
-    valid = anchor_labels != IGNORE_INDEX
-    positives = torch.zeros(len(anchors), len(rows), dtype=torch.bool, device=rows.device)
-    positives[torch.arange(len(anchors)), partners] = True
-    positives &= valid[:, None]
-    negatives = (labels[None] != anchor_labels[:, None]) & (labels != IGNORE_INDEX)[None] & valid[:, None]
-    return contrastive_loss(rows[anchors], rows, positives, negatives, temperature)
+    negatives = (labels[None] != anchor_labels[:, None]) & (labels != IGNORE_INDEX)[None]
+    pairs = torch.arange(len(anchors), device=rows.device)
+    return paired_contrastive_loss(rows[anchors], rows, pairs, partners, negatives, temperature)
 
 
 @register_addon

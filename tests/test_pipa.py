@@ -31,6 +31,35 @@ def test_hard_easy_anchors_split_each_class_half_and_half_and_fill_in():
     assert len(hard_easy_anchors(torch.full((1, 5), 255), predictions[:, :5], 10, 10, torch.Generator())) == 0
 
 
+@pytest.mark.parametrize("max_anchors, views_per_class", [(1024, 100), (100, 7), (30, 100)])
+def test_hard_easy_anchors_take_each_group_s_quota_on_random_labels(max_anchors, views_per_class):
+    generator = torch.Generator().manual_seed(max_anchors)
+    labels = torch.randint(0, 6, (3, 64), generator=generator)
+    labels[labels == 5] = 255
+    right = torch.rand(3, 64, generator=generator) < 0.6
+    predictions = torch.where(right, labels, (labels + 1) % 5)
+    chosen = hard_easy_anchors(labels, predictions, max_anchors, views_per_class, generator)
+    assert len(set(chosen.tolist())) == len(chosen)
+    flat, predicted = labels.reshape(-1), predictions.reshape(-1)
+    groups: dict[tuple[int, int], list[int]] = {}  # (image, class) -> [hard cells, easy cells]
+    for cell in range(flat.numel()):
+        if flat[cell] != 255:
+            groups.setdefault((cell // 64, int(flat[cell])), [0, 0])[int(predicted[cell] == flat[cell])] += 1
+    views = max(1, min(max_anchors // len(groups), views_per_class))
+    taken: dict[tuple[int, int, int], int] = {}
+    for cell in chosen.tolist():
+        key = (cell // 64, int(flat[cell]), int(predicted[cell] == flat[cell]))
+        taken[key] = taken.get(key, 0) + 1
+    for (image, cls), (hard, easy) in groups.items():
+        n_hard = min(hard, views // 2)
+        n_easy = min(easy, views - n_hard)
+        n_hard = min(hard, views - n_easy)
+        assert (taken.get((image, cls, 0), 0), taken.get((image, cls, 1), 0)) == (n_hard, n_easy)
+    # pairs in (image, class) order, hard before easy
+    keys = [(cell // 64, int(flat[cell]), int(predicted[cell] == flat[cell])) for cell in chosen.tolist()]
+    assert keys == sorted(keys)
+
+
 @pytest.mark.parametrize("upscale, expected_size, expected_cell", [(False, (24, 36), 4), (True, (24, 36), 3)])
 def test_overlap_pairs_point_at_the_same_image_location(upscale, expected_size, expected_cell):
     stride, height, width = 4, 32, 48
