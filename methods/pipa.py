@@ -49,7 +49,6 @@ from benchmark.classes import IGNORE_INDEX, NUM_CLASSES
 from methods.base import AddOn, SearchRange, register_addon
 from methods.components import (
     ProjectionHead,
-    contrastive_loss,
     paired_contrastive_loss,
     head_per_part,
     labels_where_weighted,
@@ -317,8 +316,10 @@ class PiPa(AddOn):
         rows = embedding.permute(0, 2, 3, 1).reshape(-1, embedding.shape[1])[index]
         classes = labels.reshape(-1)[index]
         same = classes[:, None] == classes[None]
-        positives = same & ~torch.eye(len(classes), dtype=torch.bool, device=same.device)
-        return contrastive_loss(rows, rows, positives, ~same, p.pipa_temperature)
+        # positives: the other anchors of the anchor's class (the pairs of ``same`` off the diagonal)
+        anchors, partners = same.nonzero(as_tuple=True)
+        other = anchors != partners
+        return paired_contrastive_loss(rows, rows, anchors[other], partners[other], ~same, p.pipa_temperature)
 
     def pipa_patch_loss(self, context) -> Tensor:
         """Patch contrast between two overlapping crops of each target image (``pipa_patch_views``),

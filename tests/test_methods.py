@@ -162,6 +162,23 @@ def test_strong_augment_is_seeded_and_identity_when_switched_off():
     assert torch.allclose(denormalize(off), denormalize(images), atol=1e-5)
 
 
+@pytest.mark.parametrize("factor", [-0.5, -0.2, -0.03, 0.0, 0.1, 0.2, 0.45])
+def test_adjust_hue_equals_torchvision(factor):
+    import torchvision.transforms.v2.functional as TF
+
+    from methods.components import adjust_hue
+
+    generator = torch.Generator().manual_seed(3)
+    image = torch.rand(3, 32, 40, generator=generator)
+    image[:, :4] = 0.5  # grey: no hue
+    image[:, 4, :8] = 0.0  # black
+    image[1, 5] = image[0, 5]  # red and green tied
+    image[2, 6] = image[1, 6]  # green and blue tied
+    image[:, 7, :] = image[:, 7, :].round()  # saturated corners of the cube
+    assert torch.allclose(adjust_hue(image, factor), TF.adjust_hue(image, factor), atol=1e-5)
+    assert not torch.allclose(adjust_hue(image, 0.25), image, atol=1e-2)  # it does rotate
+
+
 def test_majority_labels_and_feature_distance_by_hand():
     labels = torch.full((1, 4, 4), TRAIN_ID["road"])
     labels[0, :2, :2] = TRAIN_ID["car"]  # top-left cell: all car
@@ -189,6 +206,30 @@ def test_majority_labels_and_feature_distance_by_hand():
     assert calls == []
     assert feature_distance(features, lazy_reference, labels, things, NUM_CLASSES).item() == pytest.approx(2.5)
     assert calls == [1]
+
+
+@pytest.mark.parametrize("shape, size", [((2, 64, 64), (16, 16)), ((4, 48, 48), (8, 8)), ((6, 64, 64), (2, 2)), ((2, 12, 18), (4, 6))])
+@pytest.mark.parametrize("min_ratio", [0.75, 0.5, 0.3, 0.7])
+def test_majority_labels_equal_the_pooled_one_hot_fractions(shape, size, min_ratio):
+    """The counting path gives the cells and classes of the definition: pool the one-hot labels
+    (ignore included) to the grid, take the largest class fraction, keep it if >= min_ratio."""
+    generator = torch.Generator().manual_seed(int(min_ratio * 100))
+    # one class per cell, a varying share of each cell's pixels replaced by random classes or the
+    # ignore label: cells on both sides of the ratio
+    cell_h, cell_w = shape[1] // size[0], shape[2] // size[1]
+    labels = torch.randint(0, 3, (shape[0], *size), generator=generator).repeat_interleave(cell_h, 1).repeat_interleave(cell_w, 2)
+    share = torch.rand((shape[0], *size), generator=generator).repeat_interleave(cell_h, 1).repeat_interleave(cell_w, 2) * 0.6
+    noise = torch.rand(shape, generator=generator)
+    labels = torch.where(noise < share, torch.randint(0, NUM_CLASSES, shape, generator=generator), labels)
+    labels[noise > 1 - share / 4] = 255
+    one_hot = torch.nn.functional.one_hot(labels.clamp(max=NUM_CLASSES), NUM_CLASSES + 1).permute(0, 3, 1, 2).double()
+    fractions = torch.nn.functional.adaptive_avg_pool2d(one_hot, size)[:, :NUM_CLASSES]
+    ratio, cell_class = fractions.max(dim=1)
+    expected = torch.where(ratio >= min_ratio - 1e-9, cell_class, torch.full_like(cell_class, 255))
+    cells = majority_labels(labels, size, NUM_CLASSES, min_ratio)
+    assert cells.dtype == torch.int64 and cells.shape == (shape[0], *size)
+    assert torch.equal(cells, expected)
+    assert (cells != 255).any() and (cells == 255).any()  # both outcomes occur
 
 
 def test_cross_entropy_ignores_255_and_handles_an_empty_batch():
@@ -451,7 +492,11 @@ def test_contrastive_loss_gradient_matches_finite_differences():
     )
 
 
-def test_contrastive_loss_equals_the_dense_formula_with_its_gradient():
+@pytest.mark.parametrize("scale", [1.0, 30.0])
+def test_contrastive_loss_equals_the_dense_formula_with_its_gradient(scale):
+    """On unit embeddings (scale 1) the exponentials are shifted by the norm bound; on embeddings
+    of norm 30 at temperature 0.1 the bound (9000) is too loose and each row's largest negative
+    shifts them: both give the formula's loss and gradient."""
     from methods.components import contrastive_loss
 
     def dense(anchors, candidates, positives, negatives, temperature):
@@ -469,7 +514,7 @@ def test_contrastive_loss_equals_the_dense_formula_with_its_gradient():
         return torch.stack(losses).mean()
 
     generator = torch.Generator().manual_seed(0)
-    features = torch.nn.functional.normalize(torch.randn(40, 8, generator=generator, dtype=torch.float64), dim=1)
+    features = scale * torch.nn.functional.normalize(torch.randn(40, 8, generator=generator, dtype=torch.float64), dim=1)
     classes = torch.randint(0, 4, (40,), generator=generator)
     same = classes[:, None] == classes[None]
     positives = same & ~torch.eye(40, dtype=torch.bool) & (torch.rand(40, 40, generator=generator) < 0.5)
