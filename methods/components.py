@@ -438,8 +438,8 @@ def flatten_labelled(embeddings: Tensor, labels: Tensor) -> tuple[Tensor, Tensor
     the cells whose label is not the ignore index."""
     rows = embeddings.permute(0, 2, 3, 1).reshape(-1, embeddings.shape[1])
     labels = labels.reshape(-1)
-    keep = labels != IGNORE_INDEX
-    return rows[keep], labels[keep]
+    keep = (labels != IGNORE_INDEX).nonzero().squeeze(1)
+    return rows.index_select(0, keep), labels.index_select(0, keep)
 
 
 class _PairedInfoNCE(torch.autograd.Function):
@@ -454,8 +454,8 @@ class _PairedInfoNCE(torch.autograd.Function):
     exponentials, and passes over it once each way.
 
     The exponentials are taken of s_ij - m_i, m_i = |a_i| max_j |c_j| / temperature, an upper bound of
-    row i (Cauchy-Schwarz), so that they cannot overflow, and m_i comes with the product (one
-    ``addmm``) instead of a masked maximum over the row. On unit embeddings (every caller's) the
+    row i (Cauchy-Schwarz), so that they cannot overflow, and m_i is subtracted inside the one matrix
+    product, [a_i / temperature, -m_i] . [c_j, 1], instead of by a masked maximum over the row. On unit embeddings (every caller's) the
     exponents lie in [-2 / temperature, 0]; where the bound is so loose that a row's terms could all
     underflow (2 m_i > 80), the row's largest negative is the shift instead.
     """
@@ -471,16 +471,17 @@ class _PairedInfoNCE(torch.autograd.Function):
             bound = similarity.masked_fill(~negatives, torch.finfo(similarity.dtype).min).amax(dim=1)
             shifted = similarity.sub_(bound[:, None])
         else:
-            shifted = torch.addmm(bound[:, None], anchors, candidates.T, beta=-1.0, alpha=inverse)
+            # [a_i / t, -m_i] . [c_j, 1] = s_ij - m_i: the shift rides in the product, no (N, M) pass
+            shifted = torch.cat([anchors * inverse, -bound[:, None]], dim=1) @ F.pad(candidates, (0, 1), value=1.0).T
         pairs = rows * shifted.shape[1] + columns  # flat (row, column) indices: one gather, one scatter
-        positive_shifted = shifted.view(-1)[pairs]
+        positive_shifted = shifted.view(-1).index_select(0, pairs)
         exponentials = shifted.exp_()
         # under the norm bound every exponential is finite, so a product masks them; under the row
         # maximum the non-negatives may overflow, and inf * 0 is not 0
         exponentials = exponentials.masked_fill_(~negatives, 0.0) if loose else exponentials.mul_(negatives)
         totals = exponentials.sum(dim=1)
         # eta_i - s_ip = log(totals_i) - (s_ip - m_i)
-        gaps = totals.log()[rows] - positive_shifted
+        gaps = totals.log().index_select(0, rows) - positive_shifted
         ctx.save_for_backward(anchors, candidates, rows, pairs, pair_weights, exponentials, totals, gaps)
         ctx.temperature = temperature
         # anchors that are their own candidates (the supervised pixel contrast): one gradient product
@@ -535,5 +536,5 @@ def paired_contrastive_loss(
         return (anchors.sum() + candidates.sum()) * 0.0
     per_anchor = torch.bincount(rows, minlength=len(anchors))
     # each pair's share of the mean: 1 / (|P_i| * #anchors with a positive)
-    pair_weights = 1.0 / (per_anchor[rows] * (per_anchor > 0).sum()).to(anchors.dtype)
+    pair_weights = 1.0 / (per_anchor.index_select(0, rows) * (per_anchor > 0).sum()).to(anchors.dtype)
     return _PairedInfoNCE.apply(anchors, candidates, rows, columns, pair_weights, negatives, temperature)

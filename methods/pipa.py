@@ -116,14 +116,16 @@ def hard_easy_anchors(
     cells = (flat != IGNORE_INDEX).nonzero().flatten()
     if len(cells) == 0:
         return torch.zeros(0, dtype=torch.long)
-    classes = flat[cells]
-    easy = (predictions.reshape(-1)[cells] == classes).long()
+    # index_select rather than tensor[index] throughout: advanced indexing costs several times as much
+    # per call on the CPU (0.17 against 0.02 ms for 50,000 indices)
+    classes = flat.index_select(0, cells)
+    easy = (predictions.reshape(-1).index_select(0, cells) == classes).long()
     # one group per (image, class, hard/easy); shuffled, then stably sorted by group: each group's
     # cells in random order
     key = ((cells // labels.shape[1]) * (IGNORE_INDEX + 1) + classes) * 2 + easy
     shuffle = torch.randperm(len(cells), generator=generator).to(cells.device)
-    order = shuffle[torch.sort(key[shuffle], stable=True).indices]
-    group_keys, group_of, group_sizes = torch.unique_consecutive(key[order], return_inverse=True, return_counts=True)
+    order = shuffle.index_select(0, torch.sort(key.index_select(0, shuffle), stable=True).indices)
+    group_keys, group_of, group_sizes = torch.unique_consecutive(key.index_select(0, order), return_inverse=True, return_counts=True)
     pair_of_group = torch.unique_consecutive(group_keys // 2, return_inverse=True)[1]
     pairs = int(pair_of_group[-1]) + 1
     hard_group = group_keys % 2 == 0
@@ -133,10 +135,10 @@ def hard_easy_anchors(
     hard = torch.clamp(sizes[:, 0], max=views // 2)
     easy_taken = torch.minimum(sizes[:, 1], views - hard)
     hard = torch.minimum(sizes[:, 0], views - easy_taken)
-    quota = torch.where(hard_group, hard[pair_of_group], easy_taken[pair_of_group])
+    quota = torch.where(hard_group, hard.index_select(0, pair_of_group), easy_taken.index_select(0, pair_of_group))
     starts = torch.cumsum(group_sizes, 0) - group_sizes
-    rank = torch.arange(len(cells), device=cells.device) - starts[group_of]
-    return cells[order[rank < quota[group_of]]]
+    rank = torch.arange(len(cells), device=cells.device) - starts.index_select(0, group_of)
+    return cells.index_select(0, order.masked_select(rank < quota.index_select(0, group_of)))
 
 
 def crop_grid(height: int, width: int, fraction: float, stride: int, upscale: bool) -> tuple[tuple[int, int], int]:
@@ -217,12 +219,12 @@ def patch_contrast(embeddings: Tensor, labels: Tensor, first: Tensor, second: Te
     anchors = torch.cat([first, second])
     partners = torch.cat([second, first])
     # anchors without a pseudo-label are left out
-    labelled = labels[anchors] != IGNORE_INDEX
-    anchors, partners = anchors[labelled], partners[labelled]
-    anchor_labels = labels[anchors]
+    labelled = labels.index_select(0, anchors) != IGNORE_INDEX
+    anchors, partners = anchors.masked_select(labelled), partners.masked_select(labelled)
+    anchor_labels = labels.index_select(0, anchors)
     negatives = (labels[None] != anchor_labels[:, None]) & (labels != IGNORE_INDEX)[None]
     pairs = torch.arange(len(anchors), device=rows.device)
-    return paired_contrastive_loss(rows[anchors], rows, pairs, partners, negatives, temperature)
+    return paired_contrastive_loss(rows.index_select(0, anchors), rows, pairs, partners, negatives, temperature)
 
 
 @register_addon
@@ -313,13 +315,15 @@ class PiPa(AddOn):
         embedding = torch.cat(embeddings)
         labels = torch.cat(labels)
         index = hard_easy_anchors(labels, torch.cat(predictions), p.pipa_max_anchors, p.pipa_views_per_class, self.generator)
-        rows = embedding.permute(0, 2, 3, 1).reshape(-1, embedding.shape[1])[index]
-        classes = labels.reshape(-1)[index]
+        rows = embedding.permute(0, 2, 3, 1).reshape(-1, embedding.shape[1]).index_select(0, index)
+        classes = labels.reshape(-1).index_select(0, index)
         same = classes[:, None] == classes[None]
-        # positives: the other anchors of the anchor's class (the pairs of ``same`` off the diagonal)
-        anchors, partners = same.nonzero(as_tuple=True)
-        other = anchors != partners
-        return paired_contrastive_loss(rows, rows, anchors[other], partners[other], ~same, p.pipa_temperature)
+        # positives: the other anchors of the anchor's class (``same`` off the diagonal)
+        positives = same.clone().fill_diagonal_(False)
+        pairs = positives.view(-1).nonzero().squeeze(1)  # row-major: each anchor's pairs in a run
+        anchors = torch.repeat_interleave(positives.sum(dim=1))
+        partners = pairs - anchors * len(classes)
+        return paired_contrastive_loss(rows, rows, anchors, partners, ~same, p.pipa_temperature)
 
     def pipa_patch_loss(self, context) -> Tensor:
         """Patch contrast between two overlapping crops of each target image (``pipa_patch_views``),
