@@ -427,7 +427,9 @@ class ProjectionHead(nn.Module):
             projected = F.conv2d(level, weight)
             if projected.shape[-2:] != size:
                 projected = F.interpolate(projected, size=size, mode="bilinear", align_corners=False)
-            hidden = projected if hidden is None else hidden + projected
+            # in place: neither the convolution nor the upsampling keeps its output for the backward pass,
+            # and a new (B, hidden, h, w) sum per level is one more large tensor to allocate and fill
+            hidden = projected if hidden is None else hidden.add_(projected)
         for layer in rest:
             hidden = layer(hidden)
         return F.normalize(hidden, dim=1)
