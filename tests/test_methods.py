@@ -179,6 +179,21 @@ def test_adjust_hue_equals_torchvision(factor):
     assert not torch.allclose(adjust_hue(image, 0.25), image, atol=1e-2)  # it does rotate
 
 
+def test_gaussian_blur_equals_torchvision_per_image():
+    import torchvision.transforms.v2.functional as TF
+
+    from methods.components import gaussian_blur
+
+    generator = torch.Generator().manual_seed(4)
+    images = torch.rand(3, 3, 20, 13, generator=generator)
+    sigmas = [0.15, 0.6, 1.15]
+    blurred = gaussian_blur(images, sigmas, (5, 3))
+    for image, sigma, result in zip(images, sigmas, blurred):
+        # torchvision takes the kernel size as (width, height)
+        assert torch.allclose(result, TF.gaussian_blur(image, kernel_size=[3, 5], sigma=[sigma, sigma]), atol=1e-6)
+    assert not torch.allclose(blurred[2], images[2], atol=1e-2)
+
+
 def test_majority_labels_and_feature_distance_by_hand():
     labels = torch.full((1, 4, 4), TRAIN_ID["road"])
     labels[0, :2, :2] = TRAIN_ID["car"]  # top-left cell: all car
