@@ -28,7 +28,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from benchmark.models import Segmentor
+from benchmark.models import Segmentor, upsample
 
 
 @dataclass
@@ -261,7 +261,7 @@ def cross_entropy(logits: Tensor, label: Tensor, pixel_weight: Tensor | None = N
     weighted pseudo-label loss is.
     """
     if logits.shape[-2:] != label.shape[-2:]:
-        logits = nn.functional.interpolate(logits, size=label.shape[-2:], mode="bilinear", align_corners=False)
+        logits = upsample(logits, label.shape[-2:])
     per_pixel = nn.functional.cross_entropy(logits, label, ignore_index=255, reduction="none")
     if pixel_weight is None:
         # mean over labelled pixels; a batch with none gives 0, not NaN

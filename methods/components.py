@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from benchmark.classes import IGNORE_INDEX
 from benchmark.data import denormalize, normalize
+from benchmark.models import upsample
 
 
 class EMATeacher(nn.Module):
@@ -464,7 +465,7 @@ class ProjectionHead(nn.Module):
         for weight, level in zip(first.weight.split(self.in_channels, dim=1), features):
             projected = F.conv2d(level, weight)
             if projected.shape[-2:] != size:
-                projected = F.interpolate(projected, size=size, mode="bilinear", align_corners=False)
+                projected = upsample(projected, size)
             # in place: neither the convolution nor the upsampling keeps its output for the backward pass,
             # and a new (B, hidden, h, w) sum per level is one more large tensor to allocate and fill
             hidden = projected if hidden is None else hidden.add_(projected)

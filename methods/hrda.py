@@ -55,7 +55,7 @@ from torch import Tensor
 
 from benchmark.config import ConfigError
 from benchmark.metrics import window_starts
-from benchmark.models import SegFormerHead, Segmentor
+from benchmark.models import SegFormerHead, Segmentor, upsample
 from methods.base import SearchRange, cross_entropy, register
 from methods.components import batch_norm_per_part, head_per_part
 from methods.daformer import DAFormer, DAFormerParams, StepContext
@@ -228,8 +228,8 @@ class HRDASegmentor(Segmentor):
         finer grid covering the same field of view -> (B, C, H', W').
         """
         size = detail_logits.shape[-2:]
-        context = F.interpolate((1 - attention) * context_logits, size=size, mode="bilinear", align_corners=False)
-        attention = F.interpolate(attention, size=size, mode="bilinear", align_corners=False)
+        context = upsample((1 - attention) * context_logits, size)
+        attention = upsample(attention, size)
         return attention * detail_logits + context
 
     def _check_crop(self, images: Tensor) -> None:

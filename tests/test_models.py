@@ -234,3 +234,24 @@ def test_drop_path_rate_is_checked_against_the_encoder():
     run = resolve(PARAMS, "mini-gta2cs", "daformer", 0, overrides=["model.encoder=pvt_v2_b0", "model.drop_path_rate=0.2"])
     blocks = build_model(run).encoder.stages_3.blocks
     assert blocks[-1].drop_path1.drop_prob == pytest.approx(0.2)
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_upsample_equals_bilinear_interpolation_with_its_gradient(channels_last):
+    """``models.upsample`` only changes the layout in which the gradient reaches the resize."""
+    from benchmark.models import upsample
+
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 4, 6, generator=generator)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    label = torch.randint(0, 5, (2, 16, 24), generator=generator)
+    grads = []
+    for resize in (upsample, lambda t, size: torch.nn.functional.interpolate(t, size=size, mode="bilinear", align_corners=False)):
+        leaf = x.clone().requires_grad_()
+        out = resize(leaf, (16, 24))
+        assert out.shape == (2, 5, 16, 24)
+        torch.nn.functional.cross_entropy(out, label).backward()
+        grads.append((out.detach(), leaf.grad))
+    torch.testing.assert_close(grads[0][0], grads[1][0])
+    torch.testing.assert_close(grads[0][1], grads[1][1])
