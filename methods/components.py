@@ -454,12 +454,17 @@ class ProjectionHead(nn.Module):
             nn.Conv2d(hidden, out_channels, kernel_size=1),
         )
 
-    def forward(self, features: list[Tensor]) -> Tensor:
+    def forward(self, features: list[Tensor], cells: Tensor | None = None) -> Tensor:
+        """features -> (B, out_channels, h_0, w_0) unit embeddings; with ``cells`` ((K,) flat indices
+        over the (B, h_0, w_0) cells, image-major) only those cells' embeddings, (K, out_channels): the
+        BatchNorm still takes its statistics over every cell, and the layers after it act on each cell
+        alone, so a caller that contrasts a sample of the cells (PiPa's pixel anchors) projects only
+        those."""
         if [level.shape[1] for level in features] != self.in_channels:
             raise ValueError(
                 f"projection head built for levels of {self.in_channels} channels got {[f.shape[1] for f in features]}"
             )
-        first, *rest = self.layers
+        first, norm, activation, last = self.layers
         size = features[0].shape[-2:]
         hidden = None
         for weight, level in zip(first.weight.split(self.in_channels, dim=1), features):
@@ -469,9 +474,25 @@ class ProjectionHead(nn.Module):
             # in place: neither the convolution nor the upsampling keeps its output for the backward pass,
             # and a new (B, hidden, h, w) sum per level is one more large tensor to allocate and fill
             hidden = projected if hidden is None else hidden.add_(projected)
-        for layer in rest:
-            hidden = layer(hidden)
-        return F.normalize(hidden, dim=1)
+        hidden = activation(norm(hidden))
+        if cells is None:
+            return F.normalize(last(hidden), dim=1)
+        rows = hidden.permute(0, 2, 3, 1).reshape(-1, hidden.shape[1]).index_select(0, cells)
+        return F.normalize(F.linear(rows, last.weight.flatten(1), last.bias), dim=1)
+
+
+def projected_cells(head: ProjectionHead, parts: Sequence[Sequence[Tensor]], cells: Tensor) -> Tensor:
+    """The embeddings of ``cells`` of ``[head(levels) for levels in parts]``, each part's BatchNorm on
+    its own statistics (``head_per_part``): (K,) flat indices over the parts' cells in order (part,
+    image, row, column) -> (K, out_channels). One head call over the parts' concatenation where they
+    have one shape, the layers after the BatchNorm on the K cells only."""
+    shapes = {tuple(tuple(level.shape) for level in levels) for levels in parts}
+    if len(parts) > 1 and len(shapes) > 1:
+        embeddings = [head(levels) for levels in parts]
+        rows = torch.cat([e.permute(0, 2, 3, 1).reshape(-1, e.shape[1]) for e in embeddings])
+        return rows.index_select(0, cells)
+    with batch_norm_per_part(head, len(parts)):
+        return head([torch.cat(level) for level in zip(*parts)], cells=cells)
 
 
 def flatten_labelled(embeddings: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:

@@ -49,10 +49,10 @@ from benchmark.classes import IGNORE_INDEX, NUM_CLASSES
 from methods.base import AddOn, SearchRange, register_addon
 from methods.components import (
     ProjectionHead,
-    paired_contrastive_loss,
-    head_per_part,
     labels_where_weighted,
     majority_labels,
+    paired_contrastive_loss,
+    projected_cells,
 )
 
 
@@ -301,21 +301,19 @@ class PiPa(AddOn):
         if p.pipa_pixel_target:
             mixed_labels = labels_where_weighted(context.mixed_labels, context.mixed_weights)
             batches.append((context.mixed_features, mixed_labels, context.mixed_logits))
-        # one projection-head call over the batches' features, each normalised by its own statistics
-        projected = head_per_part(self.pipa_pixel_projection, [features for features, _, _ in batches])
-        embeddings, labels, predictions = [], [], []
-        for (_, label, logits), embedding in zip(batches, projected):
-            size = embedding.shape[-2:]
-            embeddings.append(embedding)
+        labels, predictions = [], []
+        for features, label, logits in batches:
+            size = features[0].shape[-2:]  # the projection's grid
             labels.append(majority_labels(label, size, NUM_CLASSES, p.pipa_label_min_ratio).flatten(1))
             logits = logits.detach()
             if logits.shape[-2:] != size:
                 logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
             predictions.append(logits.argmax(dim=1).flatten(1))
-        embedding = torch.cat(embeddings)
         labels = torch.cat(labels)
         index = hard_easy_anchors(labels, torch.cat(predictions), p.pipa_max_anchors, p.pipa_views_per_class, self.generator)
-        rows = embedding.permute(0, 2, 3, 1).reshape(-1, embedding.shape[1]).index_select(0, index)
+        # one projection-head call over the batches' features, each normalised by its own statistics,
+        # that projects the anchors only past its BatchNorm
+        rows = projected_cells(self.pipa_pixel_projection, [features for features, _, _ in batches], index)
         classes = labels.reshape(-1).index_select(0, index)
         same = classes[:, None] == classes[None]
         # positives: the other anchors of the anchor's class (``same`` off the diagonal)

@@ -282,6 +282,41 @@ def test_contrastive_loss_by_hand():
     assert nothing.item() == 0.0 and nothing.requires_grad
 
 
+@pytest.mark.parametrize("same_shapes", [True, False])
+def test_projected_cells_are_those_cells_of_the_head_per_part(same_shapes):
+    """``projected_cells`` (the pixel anchors' embeddings, the layers past the BatchNorm on those cells
+    only) gives the rows of ``head_per_part``'s embeddings, with the same gradients and statistics."""
+    from methods.components import ProjectionHead, head_per_part, projected_cells
+
+    generator = torch.Generator().manual_seed(2)
+    sizes = [(8, 8), (8, 8)] if same_shapes else [(8, 8), (4, 4)]
+    parts = [
+        [torch.randn(2, 4, h, w, generator=generator), torch.randn(2, 6, h // 2, w // 2, generator=generator)]
+        for h, w in sizes
+    ]
+    cells_per_part = [2 * h * w for h, w in sizes]
+    cells = torch.randperm(sum(cells_per_part), generator=generator)[:30]
+    results = []
+    for fast in (True, False):
+        head = ProjectionHead([4, 6], out_channels=5)
+        torch.manual_seed(0)
+        for parameter in head.parameters():
+            parameter.data.normal_()
+        levels = [[level.clone().requires_grad_() for level in part] for part in parts]
+        if fast:
+            rows = projected_cells(head, levels, cells)
+        else:
+            embeddings = head_per_part(head, levels)
+            rows = torch.cat([e.permute(0, 2, 3, 1).reshape(-1, 5) for e in embeddings])[cells]
+        (rows * torch.arange(5.0)).sum().backward()
+        results.append((rows.detach(), [level.grad for part in levels for level in part], head.layers[1].running_mean.clone()))
+    torch.testing.assert_close(results[0][0], results[1][0])
+    for fast_grad, reference_grad in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(fast_grad, reference_grad)
+    torch.testing.assert_close(results[0][2], results[1][2])
+    assert torch.allclose(results[0][0].norm(dim=1), torch.ones(30), atol=1e-5)
+
+
 def test_projection_head_concatenates_levels_and_normalises():
     from methods.components import ProjectionHead, concat_levels, labels_where_weighted
 
