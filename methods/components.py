@@ -537,10 +537,7 @@ class _PairedInfoNCE(torch.autograd.Function):
             shifted = torch.cat([anchors * inverse, -bound[:, None]], dim=1) @ F.pad(candidates, (0, 1), value=1.0).T
         pairs = rows * shifted.shape[1] + columns  # flat (row, column) indices: one gather, one scatter
         positive_shifted = shifted.view(-1).index_select(0, pairs)
-        exponentials = shifted.exp_()
-        # under the norm bound every exponential is finite, so a product masks them; under the row
-        # maximum the non-negatives may overflow, and inf * 0 is not 0
-        exponentials = exponentials.masked_fill_(~negatives, 0.0) if loose else exponentials.mul_(negatives)
+        exponentials = shifted.exp_().masked_fill_(~negatives, 0.0)
         totals = exponentials.sum(dim=1)
         # eta_i - s_ip = log(totals_i) - (s_ip - m_i)
         gaps = totals.log().index_select(0, rows) - positive_shifted
