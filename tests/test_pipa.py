@@ -202,3 +202,15 @@ def test_pixel_term_covers_the_mixed_batch_unless_switched_to_source_only():
     method.params.pipa_pixel_target = False
     context.mixed_features = None  # not read when the term covers the source only
     assert method.pipa_pixel_loss(context).item() > 0
+
+
+def test_class_run_pairs_are_the_same_class_pairs_off_the_diagonal():
+    from methods.pipa import class_run_pairs
+
+    generator = torch.Generator().manual_seed(0)
+    for size in (0, 1, 7, 60):
+        classes = torch.sort(torch.randint(0, 5, (size,), generator=generator)).values
+        anchors, partners = class_run_pairs(classes)
+        same = classes[:, None] == classes[None]
+        expected = (same & ~torch.eye(size, dtype=torch.bool)).nonzero(as_tuple=True)
+        assert torch.equal(anchors, expected[0]) and torch.equal(partners, expected[1])
