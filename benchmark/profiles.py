@@ -27,7 +27,7 @@ from benchmark.models import HEADS, encoder_takes_drop_path
 class ModelConfig:
     encoder: str = "efficientvit_b0"
     head: str = "daformer"
-    embed_dim: int = 32
+    embed_dim: int = 64
     #: A local file with ImageNet weights of the encoder (nothing is downloaded); null: from scratch.
     pretrained: str | None = None
     #: Momentum of the segmentor's BatchNorm running statistics (what evaluation normalises with);
