@@ -85,7 +85,7 @@ class SePiCoParams:
     sepico_bank_size: int = 200
     #: Embedding width of the projection head; null: twice the decode head's width, which is the
     #: released DAFormer-based setup's 512 with DAFormer's 256-wide head (its ``channels = 512``), and
-    #: keeps the same ratio on a narrower profile (64 on the embedded profile's 32-wide head).
+    #: keeps the same ratio on a narrower profile (128 on the embedded profile's 64-wide head).
     sepico_projection_dim: int | None = None
     #: A feature cell gets a class when the class covers this fraction of its pixels.
     sepico_label_min_ratio: float = 0.75
